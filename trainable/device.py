@@ -1,0 +1,39 @@
+"""Where and in what precision a run computes: decided here, once."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: full float32
+    channels_last: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        return images.to(self.device, non_blocking=True, memory_format=memory_format)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def select_runtime(device: torch.device | str | None = None) -> Runtime:
+    """CUDA when present, with bf16 autocast and channels_last (tensor cores want both);
+    otherwise the CPU in float32, where bf16 would be slower and less exact."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return Runtime(device, torch.bfloat16, channels_last=True)
+    return Runtime(device, None, channels_last=False)

@@ -1,0 +1,190 @@
+"""One training run: ResNet18, SGD and the one-cycle policy, from a config to a model.
+
+`train` knows nothing of Ray. Once per epoch it calls `report(metrics, checkpoint_dir)`;
+the caller decides what to do with both (print them, hand them to Ray Tune, keep the files).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from trainable.config import Config, to_dict
+from trainable.constants import CHECKPOINT_FILE
+from trainable.data import Splits, eval_transform, make_loader, seed_epoch, train_transform
+from trainable.device import Runtime, select_runtime
+from trainable.model import build_model
+
+Report = Callable[[dict[str, Any], str | None], None]
+
+COMPLETED = "completed"
+DIVERGED = "diverged"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint made by a run with another config, which cannot continue this one."""
+
+
+@dataclass
+class Outcome:
+    status: str  # COMPLETED, or DIVERGED when a loss went non-finite
+    model: nn.Module  # the trained (uncompiled) model
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch
+    diverged_epoch: int | None = None
+
+
+def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
+    t = config.train
+    return torch.optim.SGD(model.parameters(), lr=t.max_lr / t.div_factor, momentum=t.momentum,
+                           nesterov=t.nesterov, weight_decay=t.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: Config,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One cycle over exactly `epochs` epochs, peaking at the end of epoch `peak_epoch`."""
+    t = config.train
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=t.max_lr, epochs=t.epochs, steps_per_epoch=steps_per_epoch,
+        pct_start=t.peak_epoch / t.epochs, div_factor=t.div_factor,
+        final_div_factor=t.final_div_factor, anneal_strategy="cos",
+        # SGD's momentum stays fixed at train.momentum, as in the original recipe.
+        cycle_momentum=False,
+    )
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: torch.utils.data.DataLoader,
+            runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits (N, classes) and labels (N,) on the CPU, in the loader's order."""
+    model.eval()
+    logits, labels = [], []
+    for images, targets in loader:
+        with runtime.autocast():
+            out = model(runtime.to_input(images))
+        logits.append(out.float().cpu())
+        labels.append(targets)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader,
+             runtime: Runtime) -> dict[str, float]:
+    logits, labels = predict(model, loader, runtime)
+    return {"loss": F.cross_entropy(logits, labels).item(),
+            "acc": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np.random.get_state()[1].tolist(), *np.random.get_state()[2:]]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    keys, *rest = state["numpy"]
+    np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), *rest))
+
+
+def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents, read with `weights_only=True` (tensors and plain data only)."""
+    return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu",
+                      weights_only=True)
+
+
+def train(config: Config, splits: Splits, report: Report | None = None, *,
+          resume_from: str | Path | None = None, runtime: Runtime | None = None,
+          progress: bool = False) -> Outcome:
+    """Train `config.model.name` on `splits.train` for `config.train.epochs` epochs,
+    validating on `splits.val` after each; continue from `resume_from` (a checkpoint directory
+    written by this function) when given. A non-finite loss ends the run as DIVERGED."""
+    runtime = runtime or select_runtime()
+    t = config.train
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    model = runtime.prepare(build_model(config.model.name, len(splits.classes)))
+    workers = config.data.num_workers
+    train_loader = make_loader(splits.train, train_transform(config.data), t.batch_size,
+                               workers, shuffle=True)
+    val_loader = make_loader(splits.val, eval_transform(), t.batch_size, workers, shuffle=False)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, len(train_loader))
+    history: list[dict[str, Any]] = []
+    first_epoch = 1
+
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        if state["config"] != to_dict(config):
+            raise CheckpointMismatch(f"{resume_from}: checkpoint was made with another config")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        history = list(state["history"])
+        first_epoch = state["epoch"] + 1
+
+    for epoch in range(first_epoch, t.epochs + 1):
+        seed_epoch(train_loader, t.seed, epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=runtime.device)
+        correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+        seen = 0
+        started = time.perf_counter()
+        batches = tqdm(train_loader, desc=f"epoch {epoch}/{t.epochs}", leave=False,
+                       disable=not progress, unit="batch")
+        for images, labels in batches:
+            images, labels = runtime.to_input(images), labels.to(runtime.device)
+            with runtime.autocast():
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+            if not math.isfinite(loss.item()):
+                # A finite val_acc, never NaN: searchers and schedulers must still rank it.
+                metrics = {"epoch": epoch, "diverged": True, "val_acc": 0.0,
+                           "lr": scheduler.get_last_lr()[0]}
+                if report is not None:
+                    report(metrics, None)
+                return Outcome(DIVERGED, model, history + [metrics], diverged_epoch=epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the LR this step used
+            scheduler.step()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+        train_seconds = time.perf_counter() - started
+        val = evaluate(model, val_loader, runtime)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum.item() / seen,
+            "train_acc": correct.item() / seen,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "lr": lr,  # of this epoch's last step: max_lr at the end of peak_epoch
+            "epoch_s": train_seconds,  # seconds of training, without validation
+            "images_per_s": seen / train_seconds,
+            "diverged": False,
+        }
+        history.append(metrics)
+        if report is None:
+            continue
+        with tempfile.TemporaryDirectory(prefix="onecycle-ckpt-") as checkpoint_dir:
+            torch.save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
+                "config": to_dict(config), "history": history,
+            }, Path(checkpoint_dir) / CHECKPOINT_FILE)
+            report(metrics, checkpoint_dir)
+    return Outcome(COMPLETED, model, history)
