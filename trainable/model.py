@@ -37,7 +37,7 @@ def _stage(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
 
 
 class ResNet18(nn.Module):
-    """Standard CIFAR ResNet18: 3x3 stride-1 stem; stages at 32, 16, 8 and 4 pixels; linear head."""
+    """Standard CIFAR ResNet18: 3x3 stride-1 stem, stages at 32/16/8/4 pixels, linear head."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()

@@ -16,8 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from trainable.constants import CLASSES, IMAGE_SIZE, META_FILE, PICKLE_FOLDER, TEST_BATCH, \
-    TRAIN_BATCHES
+from trainable.constants import (
+    CLASSES,
+    IMAGE_SIZE,
+    META_FILE,
+    PICKLE_FOLDER,
+    TEST_BATCH,
+    TRAIN_BATCHES,
+)
 
 
 def make_images(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
