@@ -305,5 +305,7 @@ def make_loader(images: ImageSet, transform: A.Compose, batch_size: int, num_wor
 def seed_epoch(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> None:
     """Fix the order, the workers' seeds and (without workers) the augmentations of `epoch`."""
     seed = epoch_seed(seed, epoch)
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        loader.sampler.set_epoch(seed)  # shuffles by the sampler's seed + this "epoch"
     loader.generator.manual_seed(seed)
     loader.dataset.transform.set_random_seed(seed)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -28,6 +29,7 @@ from trainable.device import Runtime, select_runtime
 from trainable.model import build_model
 
 Report = Callable[[dict[str, Any], str | None], None]
+Wrap = Callable[[Any], Any]
 
 COMPLETED = "completed"
 DIVERGED = "diverged"
@@ -53,11 +55,14 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: Config,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    """One cycle over exactly `epochs` epochs, peaking at the end of epoch `peak_epoch`."""
+    """One cycle over exactly `epochs` epochs, peaking at the end of epoch `peak_epoch`
+    (with peak_epoch == epochs, one step earlier: the descent needs at least one step)."""
     t = config.train
+    total_steps = t.epochs * steps_per_epoch
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=t.max_lr, epochs=t.epochs, steps_per_epoch=steps_per_epoch,
-        pct_start=t.peak_epoch / t.epochs, div_factor=t.div_factor,
+        pct_start=min(t.peak_epoch / t.epochs, (total_steps - 1) / total_steps),
+        div_factor=t.div_factor,
         final_div_factor=t.final_div_factor, anneal_strategy="cos",
         # SGD's momentum stays fixed at train.momentum, as in the original recipe.
         cycle_momentum=False,
@@ -97,6 +102,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), *rest))
 
 
+def _is_chief() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _any_worker(flag: bool, device: torch.device) -> bool:
+    """True on every worker when `flag` is true on any: all must stop at the same step."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor(float(flag), device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
     """A checkpoint's contents, read with `weights_only=True` (tensors and plain data only)."""
     return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu",
@@ -105,21 +123,28 @@ def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
 
 def train(config: Config, splits: Splits, report: Report | None = None, *,
           resume_from: str | Path | None = None, runtime: Runtime | None = None,
-          progress: bool = False) -> Outcome:
+          progress: bool = False, prepare_model: Wrap | None = None,
+          prepare_loader: Wrap | None = None) -> Outcome:
     """Train `config.model.name` on `splits.train` for `config.train.epochs` epochs,
     validating on `splits.val` after each; continue from `resume_from` (a checkpoint directory
-    written by this function) when given. A non-finite loss ends the run as DIVERGED."""
+    written by this function) when given. A non-finite loss ends the run as DIVERGED.
+
+    Data-parallel callers pass `prepare_model` (e.g. a DDP wrapper) and `prepare_loader` (e.g.
+    one adding a DistributedSampler); each worker then validates on the whole val set, reports
+    its own shard's training metrics, and only rank 0 writes checkpoints."""
     runtime = runtime or select_runtime()
     t = config.train
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
-    model = runtime.prepare(build_model(config.model.name, len(splits.classes)))
+    module = runtime.prepare(build_model(config.model.name, len(splits.classes)))
     workers = config.data.num_workers
     train_loader = make_loader(splits.train, train_transform(config.data), t.batch_size,
                                workers, shuffle=True)
+    if prepare_loader is not None:
+        train_loader = prepare_loader(train_loader)
     val_loader = make_loader(splits.val, eval_transform(), t.batch_size, workers, shuffle=False)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(module, config)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
     history: list[dict[str, Any]] = []
     first_epoch = 1
@@ -128,12 +153,13 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
         state = load_checkpoint(resume_from)
         if state["config"] != to_dict(config):
             raise CheckpointMismatch(f"{resume_from}: checkpoint was made with another config")
-        model.load_state_dict(state["model"])
+        module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         history = list(state["history"])
         first_epoch = state["epoch"] + 1
+    model = module if prepare_model is None else prepare_model(module)
 
     for epoch in range(first_epoch, t.epochs + 1):
         seed_epoch(train_loader, t.seed, epoch)
@@ -149,13 +175,13 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             with runtime.autocast():
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels)
-            if not math.isfinite(loss.item()):
+            if _any_worker(not math.isfinite(loss.item()), runtime.device):
                 # A finite val_acc, never NaN: searchers and schedulers must still rank it.
                 metrics = {"epoch": epoch, "diverged": True, "val_acc": 0.0,
                            "lr": scheduler.get_last_lr()[0]}
                 if report is not None:
                     report(metrics, None)
-                return Outcome(DIVERGED, model, history + [metrics], diverged_epoch=epoch)
+                return Outcome(DIVERGED, module, history + [metrics], diverged_epoch=epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -165,13 +191,14 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
         train_seconds = time.perf_counter() - started
-        val = evaluate(model, val_loader, runtime)
+        val = evaluate(module, val_loader, runtime)
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum.item() / seen,
             "train_acc": correct.item() / seen,
             "val_loss": val["loss"],
             "val_acc": val["acc"],
+            "best_val_acc": max([val["acc"]] + [m["val_acc"] for m in history]),
             "lr": lr,  # of this epoch's last step: max_lr at the end of peak_epoch
             "epoch_s": train_seconds,  # seconds of training, without validation
             "images_per_s": seen / train_seconds,
@@ -180,11 +207,14 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
         history.append(metrics)
         if report is None:
             continue
+        if not _is_chief():
+            report(metrics, None)
+            continue
         with tempfile.TemporaryDirectory(prefix="onecycle-ckpt-") as checkpoint_dir:
             torch.save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": module.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
                 "config": to_dict(config), "history": history,
             }, Path(checkpoint_dir) / CHECKPOINT_FILE)
             report(metrics, checkpoint_dir)
-    return Outcome(COMPLETED, model, history)
+    return Outcome(COMPLETED, module, history)

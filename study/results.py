@@ -1,0 +1,119 @@
+"""What a study left on disk, read through Ray Tune's results API: one row per trial, and the
+per-epoch history of each. Used at the end of a study and by the analysis."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import ray.train
+from ray import tune
+
+from study.layout import RESULTS_CSV, TRAIN_RUNS
+from study.trial import METRIC, MODE, SEARCHED
+from trainable.config import Config
+
+# A trial's outcome, as results.csv and the report name it.
+COMPLETED = "COMPLETED"  # ran every epoch
+STOPPED = "STOPPED"  # stopped early by the scheduler (ASHA)
+DIVERGED = "DIVERGED"  # a loss went non-finite
+ERROR = "ERROR"  # raised, after its retries
+COLUMNS = ["trial_id", "status", "max_lr", "peak_epoch", "epochs_run", "best_val_acc",
+           "final_val_acc", "val_loss", "train_loss", "wall_s", "checkpoint"]
+
+
+@dataclass(frozen=True)
+class Trial:
+    trial_id: str
+    status: str
+    config: dict
+    history: pd.DataFrame  # one row per epoch reported, by the `epoch` metric
+    checkpoint: str | None  # directory of the best epoch's checkpoint
+
+
+def _history(result: ray.tune.Result) -> pd.DataFrame:
+    frame = result.metrics_dataframe
+    if frame is None or "epoch" not in frame:
+        return pd.DataFrame(columns=["epoch", METRIC])
+    # After a resume a trial may report an epoch twice: keep the latest report of each.
+    return frame.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+
+
+def _best_checkpoint(result: ray.tune.Result, experiment_dir: Path, trial_id: str) -> str | None:
+    train_run = experiment_dir / TRAIN_RUNS / f"train-{trial_id}"
+    if train_run.is_dir():  # the TorchTrainer path: Ray Train kept the checkpoints
+        checkpoint = ray.train.Result.from_path(str(train_run)).get_best_checkpoint(METRIC, MODE)
+    else:
+        scored = [(m.get(METRIC, -math.inf), c) for c, m in result.best_checkpoints or []
+                  if not m.get("diverged")]
+        checkpoint = max(scored, key=lambda item: item[0])[1] if scored else None
+    if checkpoint is None or not os.path.isdir(checkpoint.path):
+        return None
+    return checkpoint.path
+
+
+def load_trials(experiment_dir: Path, epochs: int) -> list[Trial]:
+    analysis = tune.ExperimentAnalysis(str(experiment_dir), default_metric=METRIC,
+                                       default_mode=MODE)
+    grid = tune.ResultGrid(analysis)
+    status_of = {t.trial_id: t.status for t in analysis.trials}
+    trials = []
+    for result in grid:
+        trial_id = result.path.rstrip("/").rsplit("trial_", 1)[-1]
+        history = _history(result)
+        last = history.iloc[-1] if len(history) else None
+        if result.error is not None or status_of.get(trial_id) == "ERROR":
+            status = ERROR
+        elif last is not None and bool(last.get("diverged", False)):
+            status = DIVERGED
+        elif last is not None and int(last["epoch"]) >= epochs:
+            status = COMPLETED
+        elif status_of.get(trial_id) == "TERMINATED":
+            status = STOPPED
+        else:
+            status = status_of.get(trial_id, "UNKNOWN")  # interrupted: PENDING, RUNNING, ...
+        trials.append(Trial(trial_id, status, dict(result.config or {}), history,
+                            _best_checkpoint(result, experiment_dir, trial_id)))
+    return sorted(trials, key=lambda t: t.trial_id)
+
+
+def trial_table(trials: list[Trial]) -> pd.DataFrame:
+    rows = []
+    for trial in trials:
+        h = trial.history
+        good = h[~h["diverged"].astype(bool)] if "diverged" in h else h
+        last = good.iloc[-1] if len(good) else {}
+        rows.append({
+            "trial_id": trial.trial_id, "status": trial.status,
+            **{k: trial.config.get(k) for k in SEARCHED},
+            "epochs_run": int(h["epoch"].max()) if len(h) else 0,
+            "best_val_acc": float(good[METRIC].max()) if len(good) else math.nan,
+            "final_val_acc": last.get(METRIC, math.nan),
+            "val_loss": last.get("val_loss", math.nan),
+            "train_loss": last.get("train_loss", math.nan),
+            "wall_s": last.get("time_total_s", math.nan),
+            "checkpoint": trial.checkpoint,
+        })
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def write_results(experiment_dir: Path, config: Config) -> pd.DataFrame:
+    table = trial_table(load_trials(experiment_dir, config.train.epochs))
+    partial_path = experiment_dir / (RESULTS_CSV + ".partial")
+    table.to_csv(partial_path, index=False)
+    os.replace(partial_path, experiment_dir / RESULTS_CSV)
+    return table
+
+
+def best_trial(table: pd.DataFrame) -> pd.Series | None:
+    """The trial with the highest best val_acc (ties: fewer epochs), among those neither
+    DIVERGED nor ERROR and with a checkpoint."""
+    eligible = table[~table["status"].isin([DIVERGED, ERROR]) & table["checkpoint"].notna()
+                     & table["best_val_acc"].notna()]
+    if eligible.empty:
+        return None
+    ranked = eligible.sort_values(["best_val_acc", "epochs_run"], ascending=[False, True])
+    return ranked.iloc[0]

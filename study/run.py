@@ -1,0 +1,353 @@
+"""The study: an LR range test, then a Ray Tune search of max_lr and peak_epoch around its
+estimate (Optuna TPE), every trial a Ray Train run of the one-cycle loop; then the report.
+
+    python study/run.py --num-samples 8                    # a study on this machine
+    python study/run.py --config configs/smoke.yaml --local --num-samples 3
+    python study/run.py --resume --name study-20261124T130000Z   # continue an interrupted one
+    python study/run.py --address auto ...                 # on a cluster from `ray start --head`
+
+Bad input is refused in one line with exit code 2 before Ray starts or anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from analysis.figures import plot_lr_finder
+from study.layout import LR_FINDER_JSON, LR_FINDER_PNG, OPTUNA_DB, STUDY_JSON
+from study.results import best_trial, write_results
+from study.trial import (
+    METRIC,
+    MODE,
+    DivergenceStopper,
+    Resources,
+    make_trainable,
+    remote_range_test,
+)
+from trainable.config import Config, ConfigError, from_dict, load_config, to_dict
+from trainable.data import DataError, Splits, load_splits
+
+EXIT_BAD_INPUT = 2
+REPO = Path(__file__).resolve().parents[1]
+ORIGINAL_PEAK = (5, 20)  # the original's LR peaked at epoch 5 of 20
+# Cut Ray Train's 2 s status polling: a 4-epoch trial took 15.5 s instead of 24.7 s.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
+class BadInput(ValueError):
+    """Input refused before any work: printed as one line, exit code 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python study/run.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one config value")
+    p.add_argument("--data-dir", help="CIFAR-10 directory (sets data.dir)")
+    p.add_argument("--num-samples", type=int, help="trials (sets search.num_samples)")
+    p.add_argument("--scheduler", help="fifo or asha (sets search.scheduler)")
+    p.add_argument("--storage", default="runs", help="folder holding experiments")
+    p.add_argument("--name", help="experiment name (default study-<UTC timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment --name")
+    p.add_argument("--overwrite", action="store_true", help="replace the experiment --name")
+    p.add_argument("--local", action="store_true",
+                   help="run each trial's loop in its Tune trainable: one process, no "
+                        "TorchTrainer (what the tests use)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float,
+                   help="GPUs per trial, fractions allowed (default: 1 if the cluster has "
+                        "GPUs, else 0)")
+    p.add_argument("--address", help="join a running cluster ('auto' or host:port)")
+    p.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="interface the dashboard listens on (only when starting Ray)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--no-report", action="store_true", help="skip the analysis at the end")
+    return p.parse_args(argv)
+
+
+# --- everything checked before Ray starts ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    config: Config
+    experiment_dir: Path
+    resume: bool
+
+
+def resolve(args: argparse.Namespace) -> Plan:
+    """The config and the experiment directory, all checked; nothing written."""
+    if args.workers_per_trial < 1:
+        raise BadInput(f"--workers-per-trial={args.workers_per_trial}: must be at least 1")
+    if args.cpus_per_worker <= 0:
+        raise BadInput(f"--cpus-per-worker={args.cpus_per_worker}: must be positive")
+    if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial < math.inf:
+        raise BadInput(f"--gpus-per-trial={args.gpus_per_trial}: must be 0 or more")
+    if args.local and args.workers_per_trial != 1:
+        raise BadInput("--local runs one worker per trial: drop --workers-per-trial")
+    if args.resume and args.overwrite:
+        raise BadInput("--resume and --overwrite exclude each other")
+    if args.resume and not args.name:
+        raise BadInput("--resume needs --name of the experiment to continue")
+
+    storage = Path(args.storage).resolve()
+    name = args.name or datetime.datetime.now(datetime.UTC).strftime("study-%Y%m%dT%H%M%SZ")
+    if not name or "/" in name or name in (".", ".."):
+        raise BadInput(f"--name {name!r}: must be a plain folder name")
+    experiment_dir = storage / name
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.data_dir, "data.dir"), (args.num_samples, "search.num_samples"),
+                      (args.scheduler, "search.scheduler")):
+        if flag is not None:
+            overrides.append(f"{key}={json.dumps(flag)}")
+    if args.resume:
+        saved = experiment_dir / STUDY_JSON
+        if not saved.is_file():
+            raise BadInput(f"{experiment_dir}: no experiment to resume ({STUDY_JSON} missing)")
+        if overrides or args.config != parse_args([]).config:
+            raise BadInput("--resume continues with the experiment's own config: "
+                           "drop --config, --set and the flags that change it")
+        config = from_dict(json.loads(saved.read_text())["config"])
+    else:
+        if experiment_dir.exists() and not args.overwrite:
+            raise BadInput(f"{experiment_dir}: experiment exists; use --resume to continue it "
+                           "or --overwrite to replace it")
+        config = load_config(args.config, overrides)
+    return Plan(config, experiment_dir, args.resume)
+
+
+def search_space(config: Config, estimate: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Tune space around the range test's estimate, and the first point to evaluate: the
+    estimate itself with the original's peak (epoch 5 of 20) scaled to this epoch budget."""
+    lo, hi = config.search.max_lr_range
+    peak_lo, peak_hi = config.peak_epoch_range
+    space = {"max_lr": tune.loguniform(estimate * lo, estimate * hi),
+             "peak_epoch": tune.randint(peak_lo, peak_hi + 1)}  # randint's upper is exclusive
+    peak = round(config.train.epochs * ORIGINAL_PEAK[0] / ORIGINAL_PEAK[1])
+    first = {"max_lr": estimate, "peak_epoch": min(max(peak, peak_lo), peak_hi)}
+    return space, first
+
+
+def describe_space(config: Config, estimate: float | None) -> dict[str, Any]:
+    lo, hi = config.search.max_lr_range
+    described = {"max_lr": {"distribution": "log-uniform", "estimate_times": [lo, hi]},
+                 "peak_epoch": {"distribution": "integer uniform",
+                                "range": list(config.peak_epoch_range)}}
+    if estimate is not None:
+        described["max_lr"]["range"] = [estimate * lo, estimate * hi]
+    return described
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def package_versions() -> dict[str, str]:
+    names = ("torch", "torchvision", "ray", "optuna", "albumentations", "torch-lr-finder",
+             "grad-cam", "numpy", "onecycle-study")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write via a temporary file, so a crash never leaves half a file."""
+    partial_path = path.with_suffix(path.suffix + ".partial")
+    partial_path.write_text(json.dumps(payload, indent=2))
+    os.replace(partial_path, path)
+
+
+def start_ray(args: argparse.Namespace):
+    if args.address:
+        return ray.init(address=args.address, runtime_env={"env_vars": RAY_ENV},
+                        log_to_driver=False)
+    os.environ.update(RAY_ENV)
+    return ray.init(include_dashboard=True, dashboard_host=args.dashboard_host,
+                    log_to_driver=False)
+
+
+def trial_resources(args: argparse.Namespace, cluster: dict[str, float]) -> Resources:
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if cluster.get("GPU", 0) and not args.local else 0.0
+    if gpus and not cluster.get("GPU", 0):
+        raise BadInput(f"--gpus-per-trial={gpus}: the cluster has no GPU")
+    if gpus > cluster.get("GPU", 0):
+        raise BadInput(f"--gpus-per-trial={gpus}: the cluster has only {cluster['GPU']:g} "
+                       "GPUs; the trial would wait forever")
+    cpus = 1.0 if args.local else args.cpus_per_worker
+    resources = Resources(args.workers_per_trial, cpus, gpus / args.workers_per_trial,
+                          args.local)
+    for kind, need in resources.per_trial().items():
+        if need > cluster.get(kind, 0):
+            raise BadInput(f"one trial needs {need:g} {kind} but the cluster has "
+                           f"{cluster.get(kind, 0):g}; the trial would wait forever")
+    return resources
+
+
+def trials_at_once(resources: Resources, cluster: dict[str, float], max_concurrent: int) -> int:
+    fits = min(math.floor(cluster.get(kind, 0) / need + 1e-9)
+               for kind, need in resources.per_trial().items() if need)
+    return min(fits, max_concurrent)
+
+
+def print_plan(plan: Plan, resources: Resources, at_once: int, estimate: float | None) -> None:
+    config = plan.config
+    print(json.dumps({
+        "experiment": str(plan.experiment_dir),
+        "config": to_dict(config),
+        "search_space": describe_space(config, estimate),
+        "trials": config.search.num_samples,
+        "resources_per_trial": resources.per_trial(),
+        "workers_per_trial": resources.workers,
+        "path": "local (loop in the Tune trainable)" if resources.local else "TorchTrainer",
+        "max_concurrent": config.search.max_concurrent,
+        "trials_fitting_at_once": at_once,
+    }, indent=2))
+
+
+def range_test_results(plan: Plan, splits_ref: ray.ObjectRef,
+                       resources: Resources) -> dict[str, Any]:
+    """The range test's results, from a previous run of this experiment when there is one."""
+    saved = plan.experiment_dir / LR_FINDER_JSON
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    bundle = resources.worker_bundle()
+    print("LR range test ...", flush=True)
+    found = ray.get(remote_range_test.options(
+        num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+    ).remote(to_dict(plan.config), [splits_ref]))
+    plot_lr_finder(found["lrs"], found["losses"], found["suggested_lr"],
+                   plan.experiment_dir / LR_FINDER_PNG)
+    write_json(saved, found)
+    return found
+
+
+def make_tuner(plan: Plan, trainable, estimate: float, local: bool) -> tune.Tuner:
+    config = plan.config
+    search = config.search
+    if plan.resume and tune.Tuner.can_restore(str(plan.experiment_dir)):
+        return tune.Tuner.restore(str(plan.experiment_dir), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=True)
+    space, first = search_space(config, estimate)
+    searcher = OptunaSearch(
+        points_to_evaluate=[first], seed=config.train.seed, study_name=plan.experiment_dir.name,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{plan.experiment_dir / OPTUNA_DB}"),
+    )
+    if search.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.epochs,
+                                  grace_period=search.grace_period)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+            num_samples=search.num_samples, max_concurrent_trials=search.max_concurrent,
+            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+        run_config=tune.RunConfig(
+            name=plan.experiment_dir.name, storage_path=str(plan.experiment_dir.parent),
+            stop=DivergenceStopper(),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=search.num_to_keep, checkpoint_score_attribute=METRIC,
+                checkpoint_score_order=MODE),
+            # The TorchTrainer path retries inside Ray Train; retrying its driver too would
+            # multiply the attempts.
+            failure_config=tune.FailureConfig(
+                max_failures=search.max_failures if local else 0),
+            verbose=1),
+    )
+
+
+def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
+    context = start_ray(args)
+    try:
+        cluster = ray.cluster_resources()
+        resources = trial_resources(args, cluster)
+        at_once = trials_at_once(resources, cluster, plan.config.search.max_concurrent)
+        if args.dry_run:
+            print_plan(plan, resources, at_once, None)
+            return 0
+        print(f"Ray dashboard: http://{context.dashboard_url}" if context.dashboard_url
+              else "Ray dashboard: not running", flush=True)
+        if not plan.resume:
+            if plan.experiment_dir.exists():  # --overwrite, checked in resolve()
+                shutil.rmtree(plan.experiment_dir)
+            plan.experiment_dir.mkdir(parents=True)
+        study = {"config": to_dict(plan.config), "seeds": {
+            "train": plan.config.train.seed, "split": plan.config.data.split_seed,
+            "search": plan.config.train.seed},
+            "versions": package_versions(), "git_commit": git_commit(),
+            "path": "local" if args.local else "TorchTrainer",
+            "resources_per_trial": resources.per_trial(), "selected_on":
+            "test" if splits.val_is_test else "val"}
+        write_json(plan.experiment_dir / STUDY_JSON, study)
+
+        splits_ref = ray.put(splits)
+        found = range_test_results(plan, splits_ref, resources)
+        estimate = found["suggested_lr"]
+        print(f"LR range test estimate: {estimate:.4g}", flush=True)
+        write_json(plan.experiment_dir / STUDY_JSON, {
+            **study, "estimate": estimate, "search_space": describe_space(plan.config, estimate)})
+
+        trainable = make_trainable(to_dict(plan.config), splits_ref, resources,
+                                   plan.experiment_dir)
+        make_tuner(plan, trainable, estimate, resources.local).fit()
+        table = write_results(plan.experiment_dir, plan.config)
+    finally:
+        ray.shutdown()
+    print(table.to_string(index=False), flush=True)
+    best = best_trial(table)
+    if best is None:
+        print("no trial completed an epoch without diverging or failing", flush=True)
+    else:
+        scope = " (selected on the test set: data.val_size=0)" if splits.val_is_test else ""
+        print(f"best trial {best['trial_id']}: val_acc {best['best_val_acc']:.4f}{scope}, "
+              f"max_lr {best['max_lr']:.4g}, peak_epoch {int(best['peak_epoch'])}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = resolve(args)
+        splits = load_splits(plan.config.data)
+        return run(args, plan, splits)
+    except (BadInput, ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

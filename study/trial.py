@@ -1,0 +1,141 @@
+"""The loop, adapted to Ray: a Tune function trainable per trial, either running the loop itself
+(`--local`) or driving a Ray Train TorchTrainer whose workers run it (Train V2's pattern)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from study.layout import TRAIN_RUNS
+from trainable.config import Config, from_dict, to_dict
+from trainable.device import select_runtime
+from trainable.loop import train
+from trainable.lr_range import range_test
+
+METRIC, MODE = "val_acc", "max"  # what the study maximises, and which checkpoints it keeps
+SEARCHED = ("max_lr", "peak_epoch")  # TrainConfig fields the search sets per trial
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial asks of the cluster."""
+
+    workers: int  # Ray Train workers (DDP processes); 1 and no TorchTrainer with --local
+    cpus_per_worker: float
+    gpus_per_worker: float
+    local: bool
+
+    def worker_bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            bundle["GPU"] = self.gpus_per_worker
+        return bundle
+
+    def trial_bundle(self) -> dict[str, float]:
+        """The Tune trainable's own request: the whole trial with --local, else only the
+        driver, whose workers Ray Train places ({"CPU": 0} is refused, hence 0.01)."""
+        return self.worker_bundle() if self.local else {"CPU": 0.01}
+
+    def per_trial(self) -> dict[str, float]:
+        total = {k: v * self.workers for k, v in self.worker_bundle().items()}
+        if not self.local:
+            total["CPU"] += 0.01
+        return total
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
+    """The base config with this trial's searched values (checked like any config)."""
+    return from_dict(base).replace("train", **{k: params[k] for k in SEARCHED})
+
+
+def _report_to(report_fn, checkpoint_cls):
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = checkpoint_cls.from_directory(checkpoint_dir) if checkpoint_dir else None
+        report_fn(metrics, checkpoint=checkpoint)
+    return report
+
+
+def _resume_dir(checkpoint) -> contextlib.AbstractContextManager:
+    return checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext()
+
+
+def local_trial(params: dict[str, Any], *, base: dict[str, Any], splits_ref: list) -> None:
+    """One trial run by the loop inside the Tune trainable: one process, no TorchTrainer."""
+    config = trial_config(base, params)
+    splits = ray.get(splits_ref[0])
+    with _resume_dir(tune.get_checkpoint()) as resume_from:
+        train(config, splits, _report_to(tune.report, tune.Checkpoint), resume_from=resume_from)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """A Ray Train worker: the loop, with DDP and a sharded loader from Train's helpers."""
+    config = from_dict(loop_config["config"])
+    splits = ray.get(loop_config["splits_ref"])
+    with _resume_dir(ray.train.get_checkpoint()) as resume_from:
+        train(config, splits, _report_to(ray.train.report, ray.train.Checkpoint),
+              resume_from=resume_from, runtime=select_runtime(ray.train.torch.get_device()),
+              prepare_model=partial(ray.train.torch.prepare_model, move_to_device=False),
+              prepare_loader=partial(ray.train.torch.prepare_data_loader, move_to_device=False))
+
+
+def torch_trial(params: dict[str, Any], *, base: dict[str, Any], splits_ref: list,
+                resources: Resources, train_storage: str) -> None:
+    """One trial as a Ray Train run; its reports reach Tune through TuneReportCallback.
+    Re-running it under the same run name resumes from the run's newest checkpoint."""
+    config = trial_config(base, params)
+    search = config.search
+    trainer = ray.train.torch.TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(config), "splits_ref": splits_ref[0]},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.workers, use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker=resources.worker_bundle()),
+        run_config=ray.train.RunConfig(
+            name=f"train-{tune.get_context().get_trial_id()}", storage_path=train_storage,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=search.num_to_keep, checkpoint_score_attribute=METRIC,
+                checkpoint_score_order=MODE),
+            failure_config=ray.train.FailureConfig(max_failures=search.max_failures)),
+    )
+    trainer.fit()
+
+
+def make_trainable(base: dict[str, Any], splits_ref: ray.ObjectRef, resources: Resources,
+                   experiment_dir: Path):
+    """The Tune trainable; constants reach it by parameter, never through the search space.
+    The data goes once into the object store (a list keeps Tune from resolving the ref)."""
+    if resources.local:
+        fn = tune.with_parameters(local_trial, base=base, splits_ref=[splits_ref])
+    else:
+        fn = tune.with_parameters(torch_trial, base=base, splits_ref=[splits_ref],
+                                  resources=resources,
+                                  train_storage=str(experiment_dir / TRAIN_RUNS))
+    return tune.with_resources(fn, resources.trial_bundle())
+
+
+class DivergenceStopper(tune.Stopper):
+    """Ends a trial at the report flagged `diverged` (its val_acc is a finite 0.0, never NaN:
+    Optuna would keep a NaN trial running forever)."""
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return bool(result.get("diverged"))
+
+    def stop_all(self) -> bool:
+        return False
+
+
+@ray.remote
+def remote_range_test(base: dict[str, Any], splits_ref: list) -> dict[str, Any]:
+    """The LR range test as a Ray task with one trial worker's resources (so on a GPU node
+    whenever the trials are)."""
+    return range_test(from_dict(base), ray.get(splits_ref[0]))
