@@ -50,7 +50,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = _bounded(20, lo=1)
     batch_size: int = _bounded(512, lo=1)
-    max_lr: float = _bounded(0.1, lo=1e-8, hi=100.0)
+    max_lr: float = _bounded(0.1, lo=1e-8)
     peak_epoch: int = _bounded(5, lo=1)
     div_factor: float = _bounded(25.0, lo=1.0)
     final_div_factor: float = _bounded(1e4, lo=1.0)

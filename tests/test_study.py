@@ -1,0 +1,206 @@
+"""The study end to end, on CPU with tiny synthetic data: `python study/run.py` in a subprocess,
+joined to one Ray head started for the whole test session."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+
+from study.layout import LR_FINDER_JSON, LR_FINDER_PNG, OPTUNA_DB, RESULTS_CSV, STUDY_JSON
+from study.run import main as study_main
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+RUN = [sys.executable, str(REPO / "study" / "run.py")]
+EPOCHS = 2
+
+
+def tiny(data_dir, *extra: str) -> list[str]:
+    """Seconds per trial: 32 training images in 2 batches, 16 validation images."""
+    return ["--config", str(REPO / "configs" / "smoke.yaml"), "--data-dir", str(data_dir),
+            "--set", "data.limit_train=32", "--set", "data.val_size=16",
+            "--set", "train.batch_size=16", "--set", f"train.epochs={EPOCHS}",
+            "--set", "lr_finder.num_iter=17", "--no-report", *extra]
+
+
+def study(ray_address, storage, name, data_dir, *extra, timeout=300):
+    run = subprocess.run([*RUN, *tiny(data_dir, "--address", ray_address, "--local",
+                                      "--storage", str(storage), "--name", name, *extra)],
+                         capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def results(experiment) -> pd.DataFrame:
+    return pd.read_csv(experiment / RESULTS_CSV)
+
+
+def reports(trial_dir) -> list[dict]:
+    """Every result Tune recorded for a trial, in order (result.json is appended to)."""
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()
+            if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def finished(ray_address, synthetic_dir, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    run = study(ray_address, storage, "three", synthetic_dir, "--num-samples", "3")
+    return storage / "three", run
+
+
+def test_three_trials_complete_around_the_estimate(finished):
+    experiment, run = finished
+    table = results(experiment)
+    assert len(table) == 3 and set(table["status"]) == {"COMPLETED"}
+    assert (table["epochs_run"] == EPOCHS).all()
+    estimate = json.loads((experiment / LR_FINDER_JSON).read_text())["suggested_lr"]
+    assert json.loads((experiment / STUDY_JSON).read_text())["estimate"] == estimate
+    lo, hi = 0.5 * estimate, 2.0 * estimate  # smoke.yaml: search.max_lr_range [0.5, 2]
+    assert table["max_lr"].between(lo * (1 - 1e-9), hi * (1 + 1e-9)).all()
+    assert table["peak_epoch"].between(1, EPOCHS).all()
+    # The first trial evaluates the estimate itself, with the original's peak scaled to 2 epochs.
+    first = table.loc[table["max_lr"] == estimate]
+    assert len(first) == 1 and first["peak_epoch"].item() == 1
+    assert "best trial" in run.stdout and "Ray dashboard:" in run.stdout
+    assert (experiment / LR_FINDER_PNG).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_report_per_epoch_with_a_checkpoint(finished):
+    experiment, _ = finished
+    for trial_id, checkpoint in results(experiment)[["trial_id", "checkpoint"]].itertuples(
+            index=False):
+        rows = reports(experiment / f"trial_{trial_id}")
+        assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+        assert [r["training_iteration"] for r in rows] == [r["epoch"] for r in rows]
+        assert os.path.isfile(os.path.join(checkpoint, "checkpoint.pt"))
+
+
+def test_optuna_study_is_kept_in_sqlite(finished):
+    import optuna
+
+    experiment, _ = finished
+    storage = f"sqlite:///{experiment / OPTUNA_DB}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    assert len(trials) == 3
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+def test_an_existing_experiment_is_never_overwritten(finished, synthetic_dir, capsys):
+    experiment, _ = finished
+    before = (experiment / RESULTS_CSV).read_bytes()
+    code = study_main(tiny(synthetic_dir, "--storage", str(experiment.parent),
+                           "--name", experiment.name))
+    assert code == 2
+    assert "experiment exists; use --resume" in capsys.readouterr().err
+    assert (experiment / RESULTS_CSV).read_bytes() == before
+
+
+def test_asha_stops_a_trial_early(ray_address, synthetic_dir, tmp_path):
+    study(ray_address, tmp_path, "asha", synthetic_dir, "--num-samples", "4",
+          "--scheduler", "asha", "--set", "train.epochs=3", "--set", "search.grace_period=1",
+          "--set", "search.peak_epoch_range=[1, 2]")
+    table = results(tmp_path / "asha")
+    assert len(table) == 4
+    stopped = table[table["status"] == "STOPPED"]
+    assert len(stopped) >= 1 and (stopped["epochs_run"] < 3).all()
+    assert (table.loc[table["status"] == "COMPLETED", "epochs_run"] == 3).all()
+
+
+def test_a_diverging_trial_ends_diverged_and_the_study_goes_on(ray_address, synthetic_dir,
+                                                              tmp_path):
+    # An LR ~10^4 with weight decay 1 grows the weights ~10^4-fold per step: inf within 2 epochs.
+    study(ray_address, tmp_path, "diverge", synthetic_dir, "--num-samples", "2",
+          "--set", "search.max_lr_range=[1e6, 2e6]", "--set", "train.div_factor=1",
+          "--set", "train.weight_decay=1")
+    table = results(tmp_path / "diverge")
+    assert len(table) == 2 and set(table["status"]) == {"DIVERGED"}
+    for trial_id in table["trial_id"]:
+        rows = reports(tmp_path / "diverge" / f"trial_{trial_id}")
+        assert rows[-1]["diverged"] is True and rows[-1]["val_acc"] == 0.0
+        assert all(math.isfinite(r["val_acc"]) for r in rows)
+
+
+def trial_epochs(experiment) -> dict[str, list[int]]:
+    found = {}
+    for trial_dir in experiment.glob("trial_*"):
+        if (trial_dir / "result.json").exists():
+            found[trial_dir.name] = [r["epoch"] for r in reports(trial_dir)]
+    return found
+
+
+def test_killed_driver_resumes_to_exactly_num_samples(ray_address, synthetic_dir, tmp_path):
+    args = [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--local", "--storage",
+                        str(tmp_path), "--name", "killed", "--num-samples", "3",
+                        "--set", "train.epochs=3", "--set", "search.peak_epoch_range=[1, 2]")]
+    experiment = tmp_path / "killed"
+    driver = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        # Kill once one trial has finished and the next has checkpointed its first epoch.
+        while time.monotonic() < deadline:
+            epochs = trial_epochs(experiment)
+            done = [t for t, e in epochs.items() if e and e[-1] == 3]
+            started = [t for t, e in epochs.items() if e and e[-1] < 3]
+            if done and started:
+                break
+            assert driver.poll() is None, "the study ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no trial finished in time")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        driver.kill()
+    interrupted = started[0]
+    epochs_before = trial_epochs(experiment)[interrupted]
+
+    resumed = subprocess.run([*RUN, "--address", ray_address, "--storage", str(tmp_path),
+                              "--name", "killed", "--resume", "--local", "--no-report"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    table = results(experiment)
+    assert len(table) == 3 and set(table["status"]) == {"COMPLETED"}
+    epochs = trial_epochs(experiment)
+    assert len(epochs) == 3
+    for trial, seen in epochs.items():
+        assert sorted(set(seen)) == [1, 2, 3], trial
+    # The interrupted trial went on from its checkpoint: no epoch it had reported ran again.
+    after = epochs[interrupted][len(epochs_before):]
+    assert after and after[0] > epochs_before[-1] - 1 and after[-1] == 3
+    assert epochs[interrupted].count(1) == 1
+
+
+def test_torch_trainer_path_and_dashboard(synthetic_dir, tmp_path):
+    """Not --local: every trial a TorchTrainer with one CPU worker, on a Ray this run starts,
+    whose dashboard must answer on 127.0.0.1 while the study runs."""
+    driver = subprocess.Popen(
+        [*RUN, *tiny(synthetic_dir, "--storage", str(tmp_path), "--name", "torch",
+                     "--num-samples", "2")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    dashboard = None
+    for line in driver.stdout:
+        if line.startswith("Ray dashboard: http://"):
+            dashboard = line.split(": ", 1)[1].strip()
+            break
+    assert dashboard is not None and dashboard.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(f"{dashboard}/api/version", timeout=10) as response:
+        assert response.status == 200 and "ray_version" in json.loads(response.read())
+    rest = driver.stdout.read()
+    assert driver.wait(300) == 0, rest[-3000:]
+    table = results(tmp_path / "torch")
+    assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
+    assert table["checkpoint"].str.contains("/train/train-").all()
+    assert json.loads((tmp_path / "torch" / STUDY_JSON).read_text())["path"] == "TorchTrainer"
