@@ -137,13 +137,15 @@ def resolve(args: argparse.Namespace) -> Plan:
 
 def search_space(config: Config, estimate: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """The Tune space around the range test's estimate, and the first point to evaluate: the
-    estimate itself with the original's peak (epoch 5 of 20) scaled to this epoch budget."""
+    estimate itself (brought into the range if the range leaves it out) with the original's
+    peak (epoch 5 of 20) scaled to this epoch budget."""
     lo, hi = config.search.max_lr_range
     peak_lo, peak_hi = config.peak_epoch_range
     space = {"max_lr": tune.loguniform(estimate * lo, estimate * hi),
              "peak_epoch": tune.randint(peak_lo, peak_hi + 1)}  # randint's upper is exclusive
     peak = round(config.train.epochs * ORIGINAL_PEAK[0] / ORIGINAL_PEAK[1])
-    first = {"max_lr": estimate, "peak_epoch": min(max(peak, peak_lo), peak_hi)}
+    first = {"max_lr": min(max(estimate, estimate * lo), estimate * hi),
+             "peak_epoch": min(max(peak, peak_lo), peak_hi)}
     return space, first
 
 

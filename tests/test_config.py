@@ -34,7 +34,8 @@ def test_era_recipe_is_the_originals():
 def test_dotted_overrides_are_typed_by_yaml():
     config = load_config(REPO / "configs" / "default.yaml",
                          ["train.epochs=5", "train.max_lr=0.3", "train.nesterov=false",
-                          "search.max_lr_range=[0.25, 4]"])
+                          "search.max_lr_range=[0.25, 4]", "lr_finder.end_lr=1e2"])
+    assert config.lr_finder.end_lr == 100.0  # YAML 1.1 reads 1e2 as a string
     assert config.train.epochs == 5 and config.train.max_lr == 0.3
     assert config.train.nesterov is False
     assert config.search.max_lr_range == (0.25, 4.0)

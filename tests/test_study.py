@@ -108,9 +108,12 @@ def test_an_existing_experiment_is_never_overwritten(finished, synthetic_dir, ca
 
 
 def test_asha_stops_a_trial_early(ray_address, synthetic_dir, tmp_path):
+    # A wide LR range and 48 validation images, so that trials differ at the rung (epoch 2;
+    # after epoch 1 every trial still predicts one class).
     study(ray_address, tmp_path, "asha", synthetic_dir, "--num-samples", "4",
-          "--scheduler", "asha", "--set", "train.epochs=3", "--set", "search.grace_period=1",
-          "--set", "search.peak_epoch_range=[1, 2]")
+          "--scheduler", "asha", "--set", "train.epochs=3", "--set", "search.grace_period=2",
+          "--set", "search.peak_epoch_range=[1, 2]", "--set", "search.max_lr_range=[0.05, 20]",
+          "--set", "data.val_size=48", "--set", "data.limit_train=64")
     table = results(tmp_path / "asha")
     assert len(table) == 4
     stopped = table[table["status"] == "STOPPED"]

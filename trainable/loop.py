@@ -161,6 +161,14 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
         first_epoch = state["epoch"] + 1
     model = module if prepare_model is None else prepare_model(module)
 
+    def diverge(epoch: int) -> Outcome:
+        # A finite val_acc, never NaN: searchers and schedulers must still rank the trial.
+        metrics = {"epoch": epoch, "diverged": True, "val_acc": 0.0,
+                   "lr": scheduler.get_last_lr()[0]}
+        if report is not None:
+            report(metrics, None)
+        return Outcome(DIVERGED, module, history + [metrics], diverged_epoch=epoch)
+
     for epoch in range(first_epoch, t.epochs + 1):
         seed_epoch(train_loader, t.seed, epoch)
         model.train()
@@ -176,12 +184,7 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels)
             if _any_worker(not math.isfinite(loss.item()), runtime.device):
-                # A finite val_acc, never NaN: searchers and schedulers must still rank it.
-                metrics = {"epoch": epoch, "diverged": True, "val_acc": 0.0,
-                           "lr": scheduler.get_last_lr()[0]}
-                if report is not None:
-                    report(metrics, None)
-                return Outcome(DIVERGED, module, history + [metrics], diverged_epoch=epoch)
+                return diverge(epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -192,6 +195,8 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             seen += len(labels)
         train_seconds = time.perf_counter() - started
         val = evaluate(module, val_loader, runtime)
+        if not math.isfinite(val["loss"]):  # the weights overflowed in the last steps
+            return diverge(epoch)
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum.item() / seen,
