@@ -207,3 +207,50 @@ def test_torch_trainer_path_and_dashboard(synthetic_dir, tmp_path):
     assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
     assert table["checkpoint"].str.contains("/train/train-").all()
     assert json.loads((tmp_path / "torch" / STUDY_JSON).read_text())["path"] == "TorchTrainer"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-samples", "0"], "search.num_samples: 0 is below the minimum 1"),
+    (["--set", "train.epochs=0"], "train.epochs: 0 is below the minimum 1"),
+    (["--set", "search.peak_epoch_range=[1, 5]"], "search.peak_epoch_range=[1, 5] needs"),
+    (["--set", "search.peak_epoch_range=[2, 2]"], "search.peak_epoch_range=[2, 2] needs"),
+    (["--set", "search.max_lr_range=[3, 1]"], "search.max_lr_range=[3.0, 1.0] needs"),
+    (["--set", "train.batch_size=0"], "train.batch_size: 0 is below the minimum 1"),
+    (["--workers-per-trial", "0"], "--workers-per-trial=0: must be at least 1"),
+    (["--scheduler", "pbt"], "search.scheduler: 'pbt' is not one of fifo, asha"),
+    (["--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar: data directory does not exist"),
+    (["--resume", "--name", "never-ran"], "no experiment to resume"),
+    (["--set", "train.max_lrr=1"], "unknown config key train.max_lrr"),
+])
+def test_bad_input_is_refused_before_ray_starts(synthetic_dir, tmp_path, capsys, extra,
+                                                message):
+    import ray
+
+    code = study_main(tiny(synthetic_dir, "--storage", str(tmp_path / "runs"), *extra))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+    assert not ray.is_initialized()
+
+
+def test_gpus_requested_on_a_cluster_without_any(ray_address, synthetic_dir, tmp_path, capsys):
+    code = study_main(tiny(synthetic_dir, "--address", ray_address, "--storage",
+                           str(tmp_path), "--gpus-per-trial", "0.5"))
+    assert code == 2
+    assert "--gpus-per-trial=0.5: the cluster has no GPU" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(ray_address, synthetic_dir, tmp_path,
+                                                    capsys):
+    code = study_main(tiny(synthetic_dir, "--address", ray_address, "--storage",
+                           str(tmp_path), "--name", "plan", "--dry-run", "--num-samples", "5",
+                           "--cpus-per-worker", "0.5", "--set", "search.max_concurrent=8"))
+    assert code == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["trials"] == 5 and plan["path"] == "TorchTrainer"
+    assert plan["resources_per_trial"] == {"CPU": 0.51}
+    assert plan["trials_fitting_at_once"] == 3  # 2 CPUs / 0.51
+    assert plan["search_space"]["peak_epoch"]["range"] == [1, 2]
+    assert not (tmp_path / "plan").exists()
