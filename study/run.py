@@ -31,6 +31,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.figures import plot_lr_finder
+from analysis.report import build_report
 from study.layout import LR_FINDER_JSON, LR_FINDER_PNG, OPTUNA_DB, STUDY_JSON
 from study.results import best_trial, write_results
 from study.trial import (
@@ -132,6 +133,8 @@ def resolve(args: argparse.Namespace) -> Plan:
             raise BadInput(f"{experiment_dir}: experiment exists; use --resume to continue it "
                            "or --overwrite to replace it")
         config = load_config(args.config, overrides)
+        # Absolute, so that trials on other processes and the report find the data.
+        config = config.replace("data", dir=str(Path(config.data.dir).resolve()))
     return Plan(config, experiment_dir, args.resume)
 
 
@@ -312,6 +315,7 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
             "search": plan.config.train.seed},
             "versions": package_versions(), "git_commit": git_commit(),
             "path": "local" if args.local else "TorchTrainer",
+            "workers_per_trial": resources.workers,
             "resources_per_trial": resources.per_trial(), "selected_on":
             "test" if splits.val_is_test else "val"}
         write_json(plan.experiment_dir / STUDY_JSON, study)
@@ -337,6 +341,10 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
         scope = " (selected on the test set: data.val_size=0)" if splits.val_is_test else ""
         print(f"best trial {best['trial_id']}: val_acc {best['best_val_acc']:.4f}{scope}, "
               f"max_lr {best['max_lr']:.4g}, peak_epoch {int(best['peak_epoch'])}", flush=True)
+    if args.no_report or best is None:
+        return 0
+    report = build_report(plan.experiment_dir)
+    print(f"report: {report / 'index.html'}", flush=True)
     return 0
 
 

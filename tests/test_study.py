@@ -8,56 +8,18 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 
-import pandas as pd
 import pytest
 
+from analysis.__main__ import main as analysis_main
 from study.layout import LR_FINDER_JSON, LR_FINDER_PNG, OPTUNA_DB, RESULTS_CSV, STUDY_JSON
 from study.run import main as study_main
 
-from .conftest import REPO
+from .conftest import EPOCHS, REPO, RUN, reports, results, study, tiny
 
 pytestmark = pytest.mark.slow
-
-RUN = [sys.executable, str(REPO / "study" / "run.py")]
-EPOCHS = 2
-
-
-def tiny(data_dir, *extra: str) -> list[str]:
-    """Seconds per trial: 32 training images in 2 batches, 16 validation images."""
-    return ["--config", str(REPO / "configs" / "smoke.yaml"), "--data-dir", str(data_dir),
-            "--set", "data.limit_train=32", "--set", "data.val_size=16",
-            "--set", "train.batch_size=16", "--set", f"train.epochs={EPOCHS}",
-            "--set", "lr_finder.num_iter=17", "--no-report", *extra]
-
-
-def study(ray_address, storage, name, data_dir, *extra, timeout=300):
-    run = subprocess.run([*RUN, *tiny(data_dir, "--address", ray_address, "--local",
-                                      "--storage", str(storage), "--name", name, *extra)],
-                         capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
-def results(experiment) -> pd.DataFrame:
-    return pd.read_csv(experiment / RESULTS_CSV)
-
-
-def reports(trial_dir) -> list[dict]:
-    """Every result Tune recorded for a trial, in order (result.json is appended to)."""
-    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()
-            if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def finished(ray_address, synthetic_dir, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    run = study(ray_address, storage, "three", synthetic_dir, "--num-samples", "3")
-    return storage / "three", run
-
 
 def test_three_trials_complete_around_the_estimate(finished):
     experiment, run = finished
@@ -122,7 +84,7 @@ def test_asha_stops_a_trial_early(ray_address, synthetic_dir, tmp_path):
 
 
 def test_a_diverging_trial_ends_diverged_and_the_study_goes_on(ray_address, synthetic_dir,
-                                                              tmp_path):
+                                                              tmp_path, capsys):
     # An LR ~10^4 with weight decay 1 grows the weights ~10^4-fold per step: inf within 2 epochs.
     study(ray_address, tmp_path, "diverge", synthetic_dir, "--num-samples", "2",
           "--set", "search.max_lr_range=[1e6, 2e6]", "--set", "train.div_factor=1",
@@ -133,6 +95,10 @@ def test_a_diverging_trial_ends_diverged_and_the_study_goes_on(ray_address, synt
         rows = reports(tmp_path / "diverge" / f"trial_{trial_id}")
         assert rows[-1]["diverged"] is True and rows[-1]["val_acc"] == 0.0
         assert all(math.isfinite(r["val_acc"]) for r in rows)
+    # Nothing to report on: refused in one line, and no report left behind.
+    assert analysis_main([str(tmp_path / "diverge")]) == 2
+    assert "no completed trial" in capsys.readouterr().err
+    assert not (tmp_path / "diverge" / "report").exists()
 
 
 def trial_epochs(experiment) -> dict[str, list[int]]:
@@ -145,7 +111,7 @@ def trial_epochs(experiment) -> dict[str, list[int]]:
 
 def test_killed_driver_resumes_to_exactly_num_samples(ray_address, synthetic_dir, tmp_path):
     args = [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--local", "--storage",
-                        str(tmp_path), "--name", "killed", "--num-samples", "3",
+                        str(tmp_path), "--name", "killed", "--num-samples", "3", "--no-report",
                         "--set", "train.epochs=3", "--set", "search.peak_epoch_range=[1, 2]")]
     experiment = tmp_path / "killed"
     driver = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL,
@@ -188,7 +154,7 @@ def test_killed_driver_resumes_to_exactly_num_samples(ray_address, synthetic_dir
 
 def test_torch_trainer_path_and_dashboard(synthetic_dir, tmp_path):
     """Not --local: every trial a TorchTrainer with one CPU worker, on a Ray this run starts,
-    whose dashboard must answer on 127.0.0.1 while the study runs."""
+    whose dashboard must answer on 127.0.0.1 while the study runs; then the report."""
     driver = subprocess.Popen(
         [*RUN, *tiny(synthetic_dir, "--storage", str(tmp_path), "--name", "torch",
                      "--num-samples", "2")],
@@ -207,6 +173,9 @@ def test_torch_trainer_path_and_dashboard(synthetic_dir, tmp_path):
     assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
     assert table["checkpoint"].str.contains("/train/train-").all()
     assert json.loads((tmp_path / "torch" / STUDY_JSON).read_text())["path"] == "TorchTrainer"
+    assert f"report: {tmp_path / 'torch' / 'report' / 'index.html'}" in rest
+    summary = json.loads((tmp_path / "torch" / "report" / "summary.json").read_text())
+    assert summary["best_trial"]["checkpoint"] in set(table["checkpoint"])
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -309,3 +309,11 @@ def seed_epoch(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> No
         loader.sampler.set_epoch(seed)  # shuffles by the sampler's seed + this "epoch"
     loader.generator.manual_seed(seed)
     loader.dataset.transform.set_random_seed(seed)
+
+
+def to_uint8_images(batch: torch.Tensor) -> np.ndarray:
+    """Normalised tensors (N x 3 x H x W) back to uint8 RGB images (N x H x W x 3)."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    pixels = (batch.detach().cpu().float() * std + mean) * 255
+    return pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,38 @@
+"""Report on a finished, interrupted or partly failed study.
+
+    python -m analysis runs/study-20261124T130000Z [--data-dir DIR]
+
+Writes <experiment>/report/ (index.html, summary.json, figures). Exit code 2, with one line,
+for a path that is not an experiment, an experiment with no completed trial, or a missing
+checkpoint; a report is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from analysis.report import ReportError, build_report
+from trainable.data import DataError
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", type=Path, help="experiment directory of a study")
+    parser.add_argument("--data-dir", help="where CIFAR-10 is now, if it moved since the study")
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.experiment, args.data_dir)
+    except (ReportError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"report: {report / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""index.html: one self-contained page (figures referenced relatively, no network)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222;
+       padding: 0 1rem; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2rem; }
+table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: right; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1.5rem 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.9rem; color: #444; margin-top: 0.3rem; }
+.warning { background: #fff3cd; border: 1px solid #e0c36c; padding: 0.6rem; }
+.best { background: #fde2e2; }
+"""
+
+
+def _facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    best = summary["best_trial"]
+    train = best["config"]["train"]
+    return [
+        ("best trial", best["trial_id"]),
+        ("test accuracy", f"{summary['test']['accuracy']:.4f} "
+                          f"({summary['test']['images']} images)"),
+        ("test loss", f"{summary['test']['loss']:.4f}"),
+        (f"best {summary['selected_on']} accuracy",
+         f"{best['val_acc']:.4f} (epoch {best['best_epoch']})"),
+        ("max_lr / peak_epoch", f"{train['max_lr']:.4g} / {train['peak_epoch']}"),
+        ("epochs, batch size", f"{train['epochs']}, {train['batch_size']}"),
+        ("model", best["config"]["model"]["name"]),
+        ("LR range test estimate", f"{summary['lr_range_test']['suggested_lr']:.4g}"),
+        ("trials", ", ".join(f"{n} {s.lower()}" for s, n in
+                             summary["trials_by_status"].items())),
+    ]
+
+
+def write_index(out: Path, summary: dict[str, Any], table: pd.DataFrame,
+                figures: dict[str, tuple[str, str]]) -> None:
+    esc = html.escape
+    facts = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _facts(summary))
+    per_class = "".join(f"<tr><td>{esc(c)}</td><td>{a:.3f}</td></tr>"
+                        for c, a in summary["per_class_accuracy"].items())
+    shown = table.drop(columns=["checkpoint"]).copy()
+    trial_rows = []
+    for row in shown.itertuples(index=False):
+        css = ' class="best"' if row.trial_id == summary["best_trial"]["trial_id"] else ""
+        cells = "".join(f"<td>{esc(_fmt(v))}</td>" for v in row)
+        trial_rows.append(f"<tr{css}>{cells}</tr>")
+    head = "".join(f"<th>{esc(c)}</th>" for c in shown.columns)
+    figure_blocks = "".join(
+        f'<figure id="{esc(key)}"><img src="{esc(name)}" alt="{esc(key)}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+        for key, (name, caption) in figures.items())
+    warning = (f'<p class="warning">{esc(summary["selection_note"])}</p>'
+               if summary["selected_on"] == "test" else
+               f"<p>{esc(summary['selection_note'])}.</p>")
+    importance = summary["importances"]
+    importance_note = "" if isinstance(importance, dict) else \
+        f"<p>Parameter importances: not shown ({esc(importance)}).</p>"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>onecycle-study: {esc(summary['experiment'])}</title>
+<style>{STYLE}</style></head>
+<body>
+<h1>onecycle-study report: {esc(summary['experiment'])}</h1>
+{warning}
+<h2>Summary</h2>
+<table>{facts}</table>
+<h2>Trials</h2>
+<table><thead><tr>{head}</tr></thead><tbody>{''.join(trial_rows)}</tbody></table>
+<h2>Per-class test accuracy</h2>
+<table><thead><tr><th>class</th><th>accuracy</th></tr></thead><tbody>{per_class}</tbody></table>
+<h2>Figures</h2>
+{importance_note}
+{figure_blocks}
+<script type="application/json" id="summary">{esc(json.dumps(summary))}</script>
+</body></html>
+"""
+    (out / "index.html").write_text(page)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.4g}"
+    return str(value)

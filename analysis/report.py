@@ -1,0 +1,209 @@
+"""The report on a study: its best trial, tested once, explained in figures and one HTML page.
+
+Everything is built in `<experiment>/report.partial/` and renamed to `report/` only when
+complete, so a report that exists is never half-written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+from torch import nn
+
+from analysis import figures
+from analysis.explain import evaluate_test, gradcam_maps, misclassified
+from analysis.html import write_index
+from study.layout import LR_FINDER_JSON, OPTUNA_DB, REPORT_DIR, STUDY_JSON
+from study.results import Trial, best_trial, load_trials, trial_table
+from trainable.config import Config, from_dict
+from trainable.data import load_splits, to_uint8_images, train_transform
+from trainable.device import select_runtime
+from trainable.loop import load_checkpoint, make_optimizer, make_scheduler
+from trainable.model import build_model
+
+# Figure files and their one-line captions, in the order the page shows them.
+FIGURES = {
+    "augmentations": ("augmentations.png", "Training images after the original's augmentation "
+                      "(pad 4 with the mean, random crop, flip, one 8x8 hole), with labels."),
+    "lr_finder": ("lr_finder.png", "LR range test: smoothed loss per LR, the estimate "
+                  "(steepest descent) marked; the search centred on it."),
+    "lr_schedule": ("lr_schedule.png", "The best trial's one-cycle LR per step, peaking at its "
+                    "chosen epoch."),
+    "curves": ("curves.png", "The best trial's loss and accuracy per epoch, training beside "
+               "selection set."),
+    "misclassified": ("misclassified.png", "Test images the best model gets wrong, the most "
+                      "confident mistakes first: true class, predicted class, confidence."),
+    "gradcam": ("gradcam.png", "GradCAM on layer4 for the predicted class of the same images, "
+                "over the upsampled image, beside the image."),
+    "confusion_matrix": ("confusion_matrix.png", "Confusion matrix of the best model on the "
+                         "test set."),
+    "trials": ("trials.png", "Accuracy per epoch of every trial, the best highlighted; stopped, "
+               "diverged and failed trials marked where they ended."),
+    "search_space": ("search_space.png", "Every trial's max_lr and peak_epoch, coloured by its "
+                     "best accuracy; the LR range test's estimate marked."),
+    "importance": ("importance.png", "Optuna's parameter importances over the finished trials."),
+}
+SUMMARY_JSON = "summary.json"
+MISCLASSIFIED_JSON = "misclassified.json"
+MIN_TRIALS_FOR_IMPORTANCE = 4  # fANOVA over fewer points says nothing
+
+
+class ReportError(ValueError):
+    """An experiment that cannot be reported on; one line."""
+
+
+def _check_experiment(experiment_dir: Path) -> dict[str, Any]:
+    if not experiment_dir.is_dir():
+        raise ReportError(f"{experiment_dir}: no such directory")
+    study_file = experiment_dir / STUDY_JSON
+    if not study_file.is_file() or not list(experiment_dir.glob("experiment_state-*.json")):
+        raise ReportError(f"{experiment_dir}: not an experiment directory (no {STUDY_JSON} "
+                          "or no Tune experiment state)")
+    return json.loads(study_file.read_text())
+
+
+def _history(trial: Trial, checkpoint_state: dict[str, Any]) -> pd.DataFrame:
+    """Every epoch of the trial: the checkpoint's own history (kept across resumes) joined
+    with what Tune recorded (which restarts after a resume on the TorchTrainer path)."""
+    frames = [pd.DataFrame(checkpoint_state["history"]), trial.history]
+    merged = pd.concat([f for f in frames if len(f)], ignore_index=True)
+    if "diverged" in merged:
+        merged = merged[~merged["diverged"].fillna(False).astype(bool)]
+    return merged.drop_duplicates("epoch", keep="last").sort_values("epoch")
+
+
+def _lr_per_step(config: Config, steps_per_epoch: int) -> list[float]:
+    optimizer = make_optimizer(nn.Linear(1, 1), config)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    lrs = []
+    for _ in range(config.train.epochs * steps_per_epoch):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def _importances(experiment_dir: Path, name: str) -> dict[str, float] | str:
+    """Optuna's importances, or why there are none."""
+    storage = f"sqlite:///{experiment_dir / OPTUNA_DB}"
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return "no Optuna study in optuna.db"
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(finished) < MIN_TRIALS_FOR_IMPORTANCE:
+        return f"{len(finished)} finished trials; importances need {MIN_TRIALS_FOR_IMPORTANCE}"
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (ValueError, RuntimeError) as err:
+        return f"Optuna could not rank the parameters ({err})"
+
+
+def build_report(experiment_dir: Path, data_dir: str | None = None) -> Path:
+    """Write `<experiment>/report/`; return it."""
+    experiment_dir = experiment_dir.resolve()
+    study = _check_experiment(experiment_dir)
+    base = from_dict(study["config"])
+    trials = load_trials(experiment_dir, base.train.epochs)
+    table = trial_table(trials)
+    best_row = best_trial(table)
+    if best_row is None:
+        raise ReportError(f"{experiment_dir}: no completed trial with a checkpoint to report on")
+    trial = next(t for t in trials if t.trial_id == best_row["trial_id"])
+    if not (Path(trial.checkpoint) / "checkpoint.pt").is_file():
+        raise ReportError(f"{trial.checkpoint}: the best trial's checkpoint is missing")
+    state = load_checkpoint(trial.checkpoint)
+    config = from_dict(state["config"])
+    if data_dir is not None:
+        config = config.replace("data", dir=data_dir)
+    splits = load_splits(config.data)
+
+    runtime = select_runtime()
+    model = build_model(config.model.name, len(splits.classes))
+    model.load_state_dict(state["model"])
+    model = runtime.prepare(model)
+    evaluation = evaluate_test(model, splits.test, len(splits.classes), runtime,
+                               config.train.batch_size)
+    val_name = "test (selection set)" if splits.val_is_test else "validation"
+
+    out = experiment_dir / (REPORT_DIR + ".partial")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    path = {key: out / name for key, (name, _) in FIGURES.items()}
+    classes = splits.classes
+
+    # The original's figures.
+    shown = min(20, len(splits.train.labels))
+    transform = train_transform(config.data, seed=config.train.seed)
+    augmented = to_uint8_images(torch.stack(
+        [transform(image=img)["image"] for img in splits.train.images[:shown]]))
+    figures.image_grid(augmented, [classes[y] for y in splits.train.labels[:shown]],
+                       path["augmentations"])
+    finder = json.loads((experiment_dir / LR_FINDER_JSON).read_text())
+    figures.plot_lr_finder(finder["lrs"], finder["losses"], finder["suggested_lr"],
+                           path["lr_finder"])
+    workers = int(study.get("workers_per_trial", 1))
+    per_worker = math.ceil(len(splits.train.labels) / workers)
+    steps_per_epoch = math.ceil(per_worker / config.train.batch_size)
+    figures.plot_lr_schedule(_lr_per_step(config, steps_per_epoch), steps_per_epoch,
+                             config.train.peak_epoch, path["lr_schedule"])
+    history = _history(trial, state)
+    figures.plot_curves(history, val_name, path["curves"])
+
+    wrong = misclassified(evaluation, splits.test.labels, config.report.num_misclassified)
+    titles = [f"true {classes[splits.test.labels[i]]}\npred {classes[evaluation.predicted[i]]}"
+              f" ({evaluation.confidence[i]:.0%})" for i in wrong]
+    figures.image_grid(splits.test.images[wrong], titles, path["misclassified"])
+    maps = gradcam_maps(model, splits.test.images[wrong], evaluation.predicted[wrong], runtime)
+    figures.plot_gradcam(splits.test.images[wrong], maps, titles, path["gradcam"])
+    figures.plot_confusion(evaluation.confusion, classes, path["confusion_matrix"])
+
+    # Beyond the original: the study as a whole.
+    figures.plot_trials({t.trial_id: t.history for t in trials},
+                        dict(zip(table["trial_id"], table["status"], strict=True)),
+                        trial.trial_id, val_name, path["trials"])
+    figures.plot_search_space(table, finder["suggested_lr"], trial.trial_id,
+                              path["search_space"])
+    importances = _importances(experiment_dir, experiment_dir.name)
+    if isinstance(importances, dict):
+        figures.plot_importance(importances, path["importance"])
+
+    gallery = [{"test_index": int(splits.test.indices[i]), "true": classes[splits.test.labels[i]],
+                "predicted": classes[evaluation.predicted[i]],
+                "confidence": round(float(evaluation.confidence[i]), 6)} for i in wrong]
+    (out / MISCLASSIFIED_JSON).write_text(json.dumps(gallery, indent=2))
+    best_epoch = int(history.loc[history["val_acc"].idxmax(), "epoch"])
+    summary = {
+        "experiment": experiment_dir.name,
+        "selected_on": "test" if splits.val_is_test else "val",
+        "selection_note": ("data.val_size is 0: trials were selected on the test set, so the "
+                           "test accuracy below is optimistic" if splits.val_is_test else
+                           "trials were selected on a validation split carved from train"),
+        "best_trial": {"trial_id": trial.trial_id, "best_epoch": best_epoch,
+                       "val_acc": float(best_row["best_val_acc"]),
+                       "checkpoint": trial.checkpoint, "config": state["config"]},
+        "test": {"accuracy": evaluation.accuracy, "loss": evaluation.loss,
+                 "images": int(len(splits.test.labels))},
+        "per_class_accuracy": {c: float(a) for c, a in
+                               zip(classes, evaluation.per_class_accuracy, strict=True)},
+        "lr_range_test": {"suggested_lr": finder["suggested_lr"]},
+        "trials_by_status": {k: int(v) for k, v in table["status"].value_counts().items()},
+        "importances": importances,
+        "figures": {key: name for key, (name, _) in FIGURES.items() if (out / name).exists()},
+    }
+    (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+    write_index(out, summary, table, {k: v for k, v in FIGURES.items()
+                                      if k in summary["figures"]})
+
+    final = experiment_dir / REPORT_DIR
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(out, final)
+    return final

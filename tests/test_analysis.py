@@ -1,0 +1,135 @@
+"""The report on the session's finished 3-trial study (tests/conftest.py: `finished`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from analysis.__main__ import main as analysis_main
+from analysis.explain import gradcam_maps
+from analysis.report import FIGURES, MISCLASSIFIED_JSON, SUMMARY_JSON
+from trainable.config import from_dict
+from trainable.data import eval_transform, load_splits, make_loader
+from trainable.device import select_runtime
+from trainable.loop import load_checkpoint, predict
+from trainable.model import build_model
+
+from .conftest import results
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report(finished):
+    experiment, _ = finished
+    assert analysis_main([str(experiment)]) == 0
+    return experiment / "report"
+
+
+@pytest.fixture(scope="module")
+def best(report):
+    """The best checkpoint's model and the data it was trained on, loaded independently."""
+    summary = json.loads((report / SUMMARY_JSON).read_text())
+    state = load_checkpoint(summary["best_trial"]["checkpoint"])
+    config = from_dict(state["config"])
+    model = build_model(config.model.name)
+    model.load_state_dict(state["model"])
+    return summary, model.eval(), load_splits(config.data)
+
+
+def test_every_figure_is_a_real_png(report):
+    summary = json.loads((report / SUMMARY_JSON).read_text())
+    # 3 trials: too few for Optuna's importances, which the summary says.
+    expected = {k for k in FIGURES if k != "importance"}
+    assert set(summary["figures"]) == expected
+    assert "importances need" in summary["importances"]
+    for key in expected:
+        with Image.open(report / FIGURES[key][0]) as image:
+            image.verify()
+        with Image.open(report / FIGURES[key][0]) as image:
+            assert image.format == "PNG" and image.width >= 400 and image.height >= 250, key
+
+
+def test_test_accuracy_is_a_recomputation(best):
+    summary, model, splits = best
+    loader = make_loader(splits.test, eval_transform(), 64, num_workers=0, shuffle=False)
+    logits, labels = predict(model, loader, select_runtime("cpu"))
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    assert summary["test"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert summary["test"]["images"] == len(splits.test.labels) == 200
+    per_class = [((logits.argmax(1) == labels) & (labels == c)).sum().item()
+                 / (labels == c).sum().item() for c in range(10)]
+    assert list(summary["per_class_accuracy"].values()) == pytest.approx(per_class, abs=1e-6)
+    assert summary["selected_on"] == "val"
+    assert summary["trials_by_status"] == {"COMPLETED": 3}
+
+
+def test_misclassified_gallery_is_really_misclassified(report, best):
+    summary, model, splits = best
+    gallery = json.loads((report / MISCLASSIFIED_JSON).read_text())
+    assert 1 <= len(gallery) <= 20
+    position = {int(index): i for i, index in enumerate(splits.test.indices)}
+    for entry in gallery:
+        i = position[entry["test_index"]]
+        image = eval_transform()(image=splits.test.images[i])["image"][None]
+        with torch.no_grad():
+            probabilities = torch.softmax(model(image), 1)[0]
+        predicted = splits.classes[int(probabilities.argmax())]
+        assert entry["true"] == splits.classes[splits.test.labels[i]] != predicted
+        assert entry["predicted"] == predicted
+        assert entry["confidence"] == pytest.approx(probabilities.max().item(), abs=1e-4)
+
+
+def test_gradcam_maps_are_normalised_and_not_constant(best):
+    _, model, splits = best
+    images = splits.test.images[:6]
+    maps = gradcam_maps(model, images, np.zeros(6, dtype=int), select_runtime("cpu"))
+    assert maps.shape == (6, 32, 32)
+    assert maps.min() >= 0 and maps.max() <= 1 + 1e-6
+    for cam in maps:
+        assert cam.max() - cam.min() > 0.1
+
+
+def test_index_html_shows_every_figure_and_the_trial_table(finished, report):
+    experiment, _ = finished
+    page = (report / "index.html").read_text()
+    summary = json.loads((report / SUMMARY_JSON).read_text())
+    sources = set(re.findall(r'<img src="([^"]+)"', page))
+    assert sources == set(summary["figures"].values())
+    assert all((report / source).is_file() for source in sources)
+    assert "http" not in " ".join(sources)  # nothing fetched from the network
+    for trial_id in results(experiment)["trial_id"]:
+        assert f"<td>{trial_id}</td>" in page
+    assert len(re.findall(r"<figcaption>", page)) == len(sources)
+
+
+def test_a_second_run_gives_the_same_summary(finished, report):
+    experiment, _ = finished
+    first = (report / SUMMARY_JSON).read_text()
+    gallery = (report / MISCLASSIFIED_JSON).read_text()
+    assert analysis_main([str(experiment)]) == 0
+    assert (report / SUMMARY_JSON).read_text() == first
+    assert (report / MISCLASSIFIED_JSON).read_text() == gallery
+
+
+def test_not_an_experiment(tmp_path, capsys):
+    assert analysis_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not an experiment directory" in err and err.count("\n") == 1
+
+
+def test_a_missing_checkpoint_leaves_no_report(finished, tmp_path, capsys):
+    experiment, _ = finished
+    copy = tmp_path / experiment.name
+    shutil.copytree(experiment, copy, ignore=shutil.ignore_patterns("report"))
+    for checkpoint in copy.glob("trial_*/checkpoint_*"):
+        shutil.rmtree(checkpoint)
+    assert analysis_main([str(copy)]) == 2
+    assert "no completed trial with a checkpoint" in capsys.readouterr().err
+    assert not (copy / "report").exists()
