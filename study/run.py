@@ -133,6 +133,9 @@ def resolve(args: argparse.Namespace) -> Plan:
             raise BadInput(f"{experiment_dir}: experiment exists; use --resume to continue it "
                            "or --overwrite to replace it")
         config = load_config(args.config, overrides)
+        if config.peak_epoch_range[1] > config.train.epochs:
+            raise BadInput(f"train.epochs={config.train.epochs}: a study needs at least 2 "
+                           "epochs to search the peak epoch")
         # Absolute, so that trials on other processes and the report find the data.
         config = config.replace("data", dir=str(Path(config.data.dir).resolve()))
     return Plan(config, experiment_dir, args.resume)

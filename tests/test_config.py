@@ -40,6 +40,9 @@ def test_dotted_overrides_are_typed_by_yaml():
     assert config.train.nesterov is False
     assert config.search.max_lr_range == (0.25, 4.0)
     assert config.peak_epoch_range == (1, 2)  # follows the epochs when not set
+    single = load_config(REPO / "configs" / "smoke.yaml", ["train.epochs=1",
+                                                           "search.peak_epoch_range=null"])
+    assert single.train.epochs == 1  # one epoch trains; only a study needs a range
 
 
 @pytest.mark.parametrize("override, message", [

@@ -181,6 +181,9 @@ def test_torch_trainer_path_and_dashboard(synthetic_dir, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--num-samples", "0"], "search.num_samples: 0 is below the minimum 1"),
     (["--set", "train.epochs=0"], "train.epochs: 0 is below the minimum 1"),
+    (["--set", "train.epochs=1", "--set", "train.peak_epoch=1",
+      "--set", "search.peak_epoch_range=null"],
+     "train.epochs=1: a study needs at least 2 epochs"),
     (["--set", "search.peak_epoch_range=[1, 5]"], "search.peak_epoch_range=[1, 5] needs"),
     (["--set", "search.peak_epoch_range=[2, 2]"], "search.peak_epoch_range=[2, 2] needs"),
     (["--set", "search.max_lr_range=[3, 1]"], "search.max_lr_range=[3.0, 1.0] needs"),

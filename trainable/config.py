@@ -104,7 +104,9 @@ class Config:
         lo, hi = self.search.max_lr_range
         if not 0 < lo < hi:
             raise ConfigError(f"search.max_lr_range={[lo, hi]} needs 0 < lo < hi")
-        lo, hi = self.peak_epoch_range
+        if self.search.peak_epoch_range is None:
+            return
+        lo, hi = self.search.peak_epoch_range
         if not 1 <= lo < hi <= train.epochs:
             raise ConfigError(f"search.peak_epoch_range={[lo, hi]} needs "
                               f"1 <= lo < hi <= train.epochs={train.epochs}")
