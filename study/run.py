@@ -35,6 +35,7 @@ from analysis.report import build_report
 from study.layout import LR_FINDER_JSON, LR_FINDER_PNG, OPTUNA_DB, STUDY_JSON
 from study.results import best_trial, write_results
 from study.trial import (
+    DRIVER_CPU,
     METRIC,
     MODE,
     DivergenceStopper,
@@ -73,7 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run each trial's loop in its Tune trainable: one process, no "
                         "TorchTrainer (what the tests use)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float,
+                   help="default: 1 less the trial driver's 0.01, so that a trial holds "
+                        "whole CPUs and N CPUs fit N one-worker trials")
     p.add_argument("--gpus-per-trial", type=float,
                    help="GPUs per trial, fractions allowed (default: 1 if the cluster has "
                         "GPUs, else 0)")
@@ -98,7 +101,7 @@ def resolve(args: argparse.Namespace) -> Plan:
     """The config and the experiment directory, all checked; nothing written."""
     if args.workers_per_trial < 1:
         raise BadInput(f"--workers-per-trial={args.workers_per_trial}: must be at least 1")
-    if args.cpus_per_worker <= 0:
+    if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
         raise BadInput(f"--cpus-per-worker={args.cpus_per_worker}: must be positive")
     if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial < math.inf:
         raise BadInput(f"--gpus-per-trial={args.gpus_per_trial}: must be 0 or more")
@@ -213,7 +216,12 @@ def trial_resources(args: argparse.Namespace, cluster: dict[str, float]) -> Reso
     if gpus > cluster.get("GPU", 0):
         raise BadInput(f"--gpus-per-trial={gpus}: the cluster has only {cluster['GPU']:g} "
                        "GPUs; the trial would wait forever")
-    cpus = 1.0 if args.local else args.cpus_per_worker
+    if args.local:
+        cpus = 1.0
+    elif args.cpus_per_worker is None:
+        cpus = 1.0 - DRIVER_CPU / args.workers_per_trial
+    else:
+        cpus = args.cpus_per_worker
     resources = Resources(args.workers_per_trial, cpus, gpus / args.workers_per_trial,
                           args.local)
     for kind, need in resources.per_trial().items():

@@ -23,6 +23,8 @@ from trainable.lr_range import range_test
 
 METRIC, MODE = "val_acc", "max"  # what the study maximises, and which checkpoints it keeps
 SEARCHED = ("max_lr", "peak_epoch")  # TrainConfig fields the search sets per trial
+# CPUs the Tune trainable that drives a TorchTrainer holds; {"CPU": 0} is refused.
+DRIVER_CPU = 0.01
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,13 @@ class Resources:
 
     def trial_bundle(self) -> dict[str, float]:
         """The Tune trainable's own request: the whole trial with --local, else only the
-        driver, whose workers Ray Train places ({"CPU": 0} is refused, hence 0.01)."""
-        return self.worker_bundle() if self.local else {"CPU": 0.01}
+        driver, whose workers Ray Train places."""
+        return self.worker_bundle() if self.local else {"CPU": DRIVER_CPU}
 
     def per_trial(self) -> dict[str, float]:
         total = {k: v * self.workers for k, v in self.worker_bundle().items()}
         if not self.local:
-            total["CPU"] += 0.01
+            total["CPU"] += DRIVER_CPU
         return total
 
 
