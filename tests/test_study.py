@@ -11,6 +11,7 @@ import subprocess
 import time
 import urllib.request
 
+import optuna
 import pytest
 
 from analysis.__main__ import main as analysis_main
@@ -49,8 +50,6 @@ def test_one_report_per_epoch_with_a_checkpoint(finished):
 
 
 def test_optuna_study_is_kept_in_sqlite(finished):
-    import optuna
-
     experiment, _ = finished
     storage = f"sqlite:///{experiment / OPTUNA_DB}"
     (summary,) = optuna.get_all_study_summaries(storage)
@@ -150,6 +149,12 @@ def test_killed_driver_resumes_to_exactly_num_samples(ray_address, synthetic_dir
     after = epochs[interrupted][len(epochs_before):]
     assert after and after[0] > epochs_before[-1] - 1 and after[-1] == 3
     assert epochs[interrupted].count(1) == 1
+    # Optuna's own record survived too: one finished trial per Tune trial, none left running.
+    storage = f"sqlite:///{experiment / OPTUNA_DB}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    states = [t.state for t in optuna.load_study(study_name=summary.study_name,
+                                                 storage=storage).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3, states
 
 
 def test_torch_trainer_path_and_dashboard(synthetic_dir, tmp_path):

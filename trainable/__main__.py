@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from trainable.config import ConfigError, load_config, to_dict
-from trainable.data import DataError, eval_transform, load_splits, make_loader
+from trainable.data import DataError, load_splits
 from trainable.device import select_runtime
-from trainable.loop import DIVERGED, evaluate, train
+from trainable.loop import DIVERGED, evaluate, make_batches, train
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -71,9 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     outcome = train(config, splits, print_epoch, runtime=runtime, progress=True)
     result = {"status": outcome.status, **(outcome.history[-1] if outcome.history else {})}
     if outcome.status != DIVERGED:
-        test_loader = make_loader(splits.test, eval_transform(), config.train.batch_size,
-                                  config.data.num_workers, shuffle=False)
-        test = evaluate(outcome.model, test_loader, runtime)
+        test_batches = make_batches(splits.test, config, runtime, train=False)
+        test = evaluate(outcome.model, test_batches, runtime, config.train.eval_flip_tta)
         result.update(test_loss=test["loss"], test_acc=test["acc"],
                       test_images=len(splits.test.labels))
         if args.save is not None:

@@ -26,6 +26,7 @@ def _bounded(default: Any, lo: float | None = None, hi: float | None = None,
 
 
 MODEL_NAMES = ("resnet18", "resnet18_era")
+AUGMENT_ON = ("cpu", "gpu")
 SCHEDULERS = ("fifo", "asha")
 
 
@@ -36,7 +37,8 @@ class DataConfig:
     split_seed: int = _bounded(0, lo=0)
     limit_train: int = _bounded(0, lo=0)
     limit_test: int = _bounded(0, lo=0)
-    num_workers: int = _bounded(2, lo=0)
+    num_workers: int | None = _bounded(None, lo=0)
+    augment_on: str = _bounded("cpu", choices=AUGMENT_ON)
     pad: int = _bounded(4, lo=0, hi=16)
     cutout: int = _bounded(8, lo=0, hi=32)
 
@@ -57,6 +59,9 @@ class TrainConfig:
     momentum: float = _bounded(0.9, lo=0.0, hi=0.999)
     nesterov: bool = True
     weight_decay: float = _bounded(5e-4, lo=0.0, hi=1.0)
+    label_smoothing: float = _bounded(0.0, lo=0.0, hi=0.5)
+    eval_flip_tta: bool = False
+    compile: bool = False
     seed: int = _bounded(0, lo=0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,15 @@ class Runtime:
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: full float32
     channels_last: bool
+    cpus: int  # CPUs this process may use
+
+    def loader_workers(self, configured: int | None) -> int:
+        """DataLoader processes: as configured, or by default none on the CPU (the model needs
+        every core, and augmenting is >20x faster than training there) and all CPUs but the
+        feeding one on a GPU."""
+        if configured is not None:
+            return configured
+        return max(1, self.cpus - 1) if self.device.type == "cuda" else 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -28,12 +38,21 @@ class Runtime:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
 
+def available_cpus() -> int:
+    """OMP_NUM_THREADS when set (Ray sets it to the CPUs a task or trial was given), else the
+    CPUs this process may run on."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    return int(configured) if configured.isdigit() and int(configured) > 0 \
+        else len(os.sched_getaffinity(0))
+
+
 def select_runtime(device: torch.device | str | None = None) -> Runtime:
     """CUDA when present, with bf16 autocast and channels_last (tensor cores want both);
     otherwise the CPU in float32, where bf16 would be slower and less exact."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cpus = available_cpus()
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        return Runtime(device, torch.bfloat16, channels_last=True)
-    return Runtime(device, None, channels_last=False)
+        return Runtime(device, torch.bfloat16, channels_last=True, cpus=cpus)
+    return Runtime(device, None, channels_last=False, cpus=cpus)

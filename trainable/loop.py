@@ -24,8 +24,17 @@ from tqdm import tqdm
 
 from trainable.config import Config, to_dict
 from trainable.constants import CHECKPOINT_FILE
-from trainable.data import Splits, eval_transform, make_loader, seed_epoch, train_transform
+from trainable.data import (
+    ImageSet,
+    Splits,
+    epoch_seed,
+    eval_transform,
+    make_loader,
+    seed_epoch,
+    train_transform,
+)
 from trainable.device import Runtime, select_runtime
+from trainable.device_data import DeviceBatches
 from trainable.model import build_model
 
 Report = Callable[[dict[str, Any], str | None], None]
@@ -69,23 +78,40 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: Config,
     )
 
 
+def make_batches(images: ImageSet, config: Config, runtime: Runtime,
+                 train: bool) -> torch.utils.data.DataLoader | DeviceBatches:
+    """Training batches (shuffled, augmented) or evaluation batches (in order, normalised):
+    from DataLoader processes running albumentations, or made on the device
+    (`data.augment_on: gpu`)."""
+    cfg = config.data
+    if cfg.augment_on == "gpu":
+        return DeviceBatches(images, cfg, config.train.batch_size, runtime.device, train)
+    transform = train_transform(cfg) if train else eval_transform()
+    return make_loader(images, transform, config.train.batch_size,
+                       runtime.loader_workers(cfg.num_workers), shuffle=train)
+
+
 @torch.no_grad()
-def predict(model: nn.Module, loader: torch.utils.data.DataLoader,
-            runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logits (N, classes) and labels (N,) on the CPU, in the loader's order."""
+def predict(model: nn.Module, loader, runtime: Runtime,
+            flip_tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits (N, classes) and labels (N,) on the CPU, in the loader's order; with
+    `flip_tta`, the mean of the logits of each image and of its mirror image."""
     model.eval()
     logits, labels = [], []
     for images, targets in loader:
+        images = runtime.to_input(images)
         with runtime.autocast():
-            out = model(runtime.to_input(images))
+            out = model(images)
+            if flip_tta:
+                out = (out + model(images.flip(3))) / 2
         logits.append(out.float().cpu())
-        labels.append(targets)
+        labels.append(targets.cpu())
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader,
-             runtime: Runtime) -> dict[str, float]:
-    logits, labels = predict(model, loader, runtime)
+def evaluate(model: nn.Module, loader, runtime: Runtime,
+             flip_tta: bool = False) -> dict[str, float]:
+    logits, labels = predict(model, loader, runtime, flip_tta)
     return {"loss": F.cross_entropy(logits, labels).item(),
             "acc": (logits.argmax(1) == labels).float().mean().item()}
 
@@ -138,12 +164,10 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
     random.seed(t.seed)
     np.random.seed(t.seed)
     module = runtime.prepare(build_model(config.model.name, len(splits.classes)))
-    workers = config.data.num_workers
-    train_loader = make_loader(splits.train, train_transform(config.data), t.batch_size,
-                               workers, shuffle=True)
-    if prepare_loader is not None:
-        train_loader = prepare_loader(train_loader)
-    val_loader = make_loader(splits.val, eval_transform(), t.batch_size, workers, shuffle=False)
+    train_loader = make_batches(splits.train, config, runtime, train=True)
+    if prepare_loader is not None and isinstance(train_loader, torch.utils.data.DataLoader):
+        train_loader = prepare_loader(train_loader)  # DeviceBatches shard themselves
+    val_loader = make_batches(splits.val, config, runtime, train=False)
     optimizer = make_optimizer(module, config)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
     history: list[dict[str, Any]] = []
@@ -160,6 +184,8 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
         history = list(state["history"])
         first_epoch = state["epoch"] + 1
     model = module if prepare_model is None else prepare_model(module)
+    if t.compile:
+        model = torch.compile(model)  # checkpoints keep saving the uncompiled `module`
 
     def diverge(epoch: int) -> Outcome:
         # A finite val_acc, never NaN: searchers and schedulers must still rank the trial.
@@ -170,7 +196,10 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
         return Outcome(DIVERGED, module, history + [metrics], diverged_epoch=epoch)
 
     for epoch in range(first_epoch, t.epochs + 1):
-        seed_epoch(train_loader, t.seed, epoch)
+        if isinstance(train_loader, DeviceBatches):
+            train_loader.seed(epoch_seed(t.seed, epoch))
+        else:
+            seed_epoch(train_loader, t.seed, epoch)
         model.train()
         loss_sum = torch.zeros((), device=runtime.device)
         correct = torch.zeros((), device=runtime.device, dtype=torch.long)
@@ -182,7 +211,7 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             images, labels = runtime.to_input(images), labels.to(runtime.device)
             with runtime.autocast():
                 logits = model(images)
-                loss = F.cross_entropy(logits, labels)
+                loss = F.cross_entropy(logits, labels, label_smoothing=t.label_smoothing)
             if _any_worker(not math.isfinite(loss.item()), runtime.device):
                 return diverge(epoch)
             optimizer.zero_grad(set_to_none=True)
@@ -194,7 +223,7 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
         train_seconds = time.perf_counter() - started
-        val = evaluate(module, val_loader, runtime)
+        val = evaluate(module, val_loader, runtime, flip_tta=t.eval_flip_tta)
         if not math.isfinite(val["loss"]):  # the weights overflowed in the last steps
             return diverge(epoch)
         metrics = {

@@ -1,6 +1,6 @@
 """The LR range test (torch-lr-finder): an exponential LR sweep over the training split, with
 the trials' model, global batch size and optimizer settings; the estimate is the LR where the
-smoothed loss falls fastest."""
+smoothed loss falls fastest before its minimum."""
 
 from __future__ import annotations
 
@@ -25,12 +25,15 @@ SKIP_START, SKIP_END = 10, 5
 
 
 def steepest_descent(lrs: list[float], losses: list[float]) -> float:
-    """The LR at which the smoothed loss falls fastest (most negative slope per step, and the
-    steps are evenly spaced in log LR). Ends skipped as torch-lr-finder's plot does, while
-    enough points remain."""
+    """The LR at which the smoothed loss falls fastest (most negative slope per step; the steps
+    are evenly spaced in log LR), looking only up to the loss's minimum: past it the loss has
+    blown up, and its fall from a blow-up is no learning. The first and last points are
+    skipped, as torch-lr-finder's plot skips them, while enough points remain."""
     start, end = (SKIP_START, SKIP_END) if len(lrs) >= SKIP_START + SKIP_END + 2 else (0, 0)
-    window = np.asarray(losses[start:len(losses) - end], dtype=float)
-    return float(lrs[start + int(np.argmin(np.gradient(window)))])
+    curve = np.asarray(losses, dtype=float)
+    lowest = start + int(np.argmin(curve[start:len(curve) - end]))
+    slope = np.gradient(curve)
+    return float(lrs[start + int(np.argmin(slope[start:lowest + 1]))])
 
 
 def range_test(config: Config, splits: Splits) -> dict[str, Any]:
@@ -40,8 +43,10 @@ def range_test(config: Config, splits: Splits) -> dict[str, Any]:
     torch.manual_seed(t.seed)
     model = runtime.prepare(build_model(config.model.name, len(splits.classes)))
     optimizer = make_optimizer(model, config)
+    # A DataLoader with the CPU augmentation whatever data.augment_on says: torch-lr-finder
+    # iterates DataLoaders only.
     loader = make_loader(splits.train, train_transform(config.data), t.batch_size,
-                         config.data.num_workers, shuffle=True)
+                         runtime.loader_workers(config.data.num_workers), shuffle=True)
     seed_epoch(loader, t.seed, epoch=0)
     finder = LRFinder(model, optimizer, nn.CrossEntropyLoss(), device=runtime.device)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its own suggestions
