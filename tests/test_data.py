@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from trainable.config import DataConfig
-from trainable.constants import CLASSES, MEAN, MEAN_UINT8, PICKLE_FOLDER, STD, TRAIN_BATCHES
+from trainable.constants import CLASSES, MEAN_UINT8, PICKLE_FOLDER, TRAIN_BATCHES
 from trainable.data import (
     DataError,
     ImageSet,
@@ -18,6 +18,7 @@ from trainable.data import (
     load_splits,
     make_loader,
     seed_epoch,
+    to_uint8_images,
     train_transform,
 )
 from trainable.synthetic import main as synthetic_main
@@ -182,8 +183,7 @@ def coordinate_image() -> np.ndarray:
 
 def to_uint8(tensor: torch.Tensor) -> np.ndarray:
     """Undo Normalize and ToTensorV2 with the shared constants."""
-    pixels = tensor.permute(1, 2, 0).numpy() * np.asarray(STD) + np.asarray(MEAN)
-    return np.clip(np.round(pixels * 255), 0, 255).astype(np.uint8)
+    return to_uint8_images(tensor[None])[0]
 
 
 def explain(out: np.ndarray, source: np.ndarray):

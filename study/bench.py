@@ -1,0 +1,207 @@
+"""Measure what a study's speed is made of, on this machine, side by side in one run.
+
+    python study/bench.py [--device cpu|cuda] [--out bench.json] [--images N] [--batch-size B]
+
+- training images/s (steady state: the last of --epochs epochs) of the plain loop called
+  directly vs the same loop in a Ray Train TorchTrainer with one worker given the same CPUs;
+- a Tune trial's fixed overhead, per path (TorchTrainer, --local): the wall time of a 1-epoch
+  trial less that epoch's training time;
+- augmentation images/s: albumentations in this process, in the DataLoader processes a trial
+  gets, and batched on the device (data.augment_on: gpu), each against the model's rate;
+- on CUDA, seconds per epoch of the default recipe with (a) the CPU albumentations loader,
+  (b) the on-device augmentation, (c) (b) plus torch.compile; bf16 and channels_last in all.
+Prints a table and writes JSON. It measures; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray import tune
+
+from study.trial import DRIVER_CPU, Resources, make_trainable, train_worker
+from trainable.config import Config, load_config, to_dict
+from trainable.data import ImageSet, Splits, load_splits, make_loader, train_transform
+from trainable.device import select_runtime
+from trainable.device_data import DeviceBatches
+from trainable.loop import train
+from trainable.synthetic import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python study/bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=Path("bench.json"))
+    p.add_argument("--data-dir", help="CIFAR-10 (default: synthetic images of the same size)")
+    p.add_argument("--images", type=int, default=512, help="training images per epoch")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2, help="the last one is measured")
+    p.add_argument("--address", help="a running Ray cluster to use")
+    args = p.parse_args(argv)
+    if args.images < 1 or args.batch_size < 1 or args.epochs < 2:
+        p.exit(2, "error: need --images >= 1, --batch-size >= 1 and --epochs >= 2\n")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.exit(2, "error: --device cuda: no CUDA device here\n")
+    if args.out.exists():
+        p.exit(2, f"error: {args.out}: exists; refusing to overwrite it\n")
+    return args
+
+
+def bench_config(args: argparse.Namespace, data_dir: str) -> Config:
+    return load_config(REPO / "configs" / "default.yaml", [
+        f"data.dir={data_dir}", "data.val_size=64", f"data.limit_train={args.images}",
+        "data.limit_test=64", f"train.batch_size={args.batch_size}",
+        f"train.epochs={args.epochs}", "train.peak_epoch=1"])
+
+
+def direct_images_per_s(config: Config, splits: Splits) -> float:
+    outcome = train(config, splits)
+    return outcome.history[-1]["images_per_s"]
+
+
+def ray_images_per_s(config: Config, splits_ref: ray.ObjectRef, cpus: int, use_gpu: bool,
+                     storage: str) -> float:
+    """The same loop as one TorchTrainer worker holding the CPUs the direct run had."""
+    trainer = ray.train.torch.TorchTrainer(
+        train_worker, train_loop_config={"config": to_dict(config), "splits_ref": splits_ref},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus}),
+        run_config=ray.train.RunConfig(name="bench-throughput", storage_path=storage))
+    result = trainer.fit()
+    return float(result.metrics["images_per_s"])
+
+
+def trial_overhead_s(config: Config, splits_ref: ray.ObjectRef, local: bool, use_gpu: bool,
+                     storage: Path) -> float:
+    """Wall seconds of a 1-epoch Tune trial, less that epoch's training seconds."""
+    one_epoch = config.replace("train", epochs=1, peak_epoch=1)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    resources = Resources(workers=1, cpus_per_worker=1.0 if local else cpus - DRIVER_CPU,
+                          gpus_per_worker=1.0 if use_gpu else 0.0, local=local)
+    name = "local" if local else "torch"
+    experiment = storage / f"overhead-{name}"
+    experiment.mkdir()
+    tuner = tune.Tuner(
+        make_trainable(to_dict(one_epoch), splits_ref, resources, experiment),
+        param_space={"max_lr": one_epoch.train.max_lr, "peak_epoch": 1},
+        tune_config=tune.TuneConfig(num_samples=1),
+        run_config=tune.RunConfig(name=experiment.name, storage_path=str(storage), verbose=0))
+    started = time.perf_counter()
+    (result,) = tuner.fit()
+    wall = time.perf_counter() - started
+    return wall - float(result.metrics["epoch_s"])
+
+
+def augment_images_per_s(config: Config, images: ImageSet, workers: int,
+                         device: torch.device) -> dict[str, float]:
+    rates = {}
+    transform = train_transform(config.data, seed=0)
+    started = time.perf_counter()
+    for image in images.images:
+        transform(image=image)
+    rates["albumentations_1_process"] = len(images.labels) / (time.perf_counter() - started)
+    loader = make_loader(images, train_transform(config.data), config.train.batch_size,
+                         workers, shuffle=True)
+    started = time.perf_counter()
+    for _ in loader:
+        pass
+    rates[f"albumentations_loader_{workers}_workers"] = \
+        len(images.labels) / (time.perf_counter() - started)
+    batches = DeviceBatches(images, config.data, config.train.batch_size, device, train=True)
+    batches.seed(0)
+    for _ in batches:  # warm-up: first kernels, allocations
+        pass
+    started = time.perf_counter()
+    for batch, _ in batches:
+        batch.sum().item()  # wait for the device
+    rates["device"] = len(images.labels) / (time.perf_counter() - started)
+    return rates
+
+
+def cuda_epoch_s(data_dir: str) -> dict[str, float]:
+    """Seconds per epoch of the default recipe (all 45,000 training images, batch 512), steady
+    state (the second epoch), per variant."""
+    recipe = load_config(REPO / "configs" / "default.yaml",
+                         [f"data.dir={data_dir}", "train.epochs=2", "train.peak_epoch=1"])
+    splits = load_splits(recipe.data)
+    variants = {"cpu_loader": {"augment_on": "cpu"}, "device_augment": {"augment_on": "gpu"},
+                "device_augment_compiled": {"augment_on": "gpu", "compile": True}}
+    seconds = {}
+    for name, switches in variants.items():
+        config = recipe.replace("data", augment_on=switches["augment_on"])
+        config = config.replace("train", compile=switches.get("compile", False))
+        seconds[name] = train(config, splits).history[-1]["epoch_s"]
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="onecycle-bench-") as scratch:
+        scratch_dir = Path(scratch)
+        data_dir = args.data_dir or str(write_dataset(
+            scratch_dir / "data", train=args.images + 64, test=64).parent)
+        config = bench_config(args, data_dir)
+        splits = load_splits(config.data)
+        runtime = select_runtime(args.device)
+        use_gpu = args.device == "cuda"
+        out: dict[str, Any] = {"device": str(runtime.device), "cpus": runtime.cpus,
+                               "images": args.images, "batch_size": args.batch_size}
+        out["direct_images_per_s"] = direct_images_per_s(config, splits)
+
+        ray.init(address=args.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}})
+        try:
+            splits_ref = ray.put(splits)
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            out["ray_images_per_s"] = ray_images_per_s(config, splits_ref, min(cpus,
+                                                       runtime.cpus), use_gpu, scratch)
+            out["trial_overhead_s"] = {
+                "torch_trainer": trial_overhead_s(config, splits_ref, False, use_gpu,
+                                                  scratch_dir),
+                "local": trial_overhead_s(config, splits_ref, True, use_gpu, scratch_dir)}
+        finally:
+            ray.shutdown()
+        out["ray_vs_direct_throughput_ratio"] = out["ray_images_per_s"] / \
+            out["direct_images_per_s"]
+        workers = max(1, runtime.loader_workers(config.data.num_workers))
+        out["augment_images_per_s"] = augment_images_per_s(config, splits.train, workers,
+                                                           runtime.device)
+        out["augment_vs_model_ratio"] = {k: v / out["direct_images_per_s"]
+                                         for k, v in out["augment_images_per_s"].items()}
+        if use_gpu:
+            out["epoch_s"] = cuda_epoch_s(data_dir)
+    args.out.write_text(json.dumps(out, indent=2))
+    print_table(out)
+    return 0
+
+
+def print_table(out: dict[str, Any]) -> None:
+    rows = [("device", out["device"]),
+            ("direct loop, images/s", f"{out['direct_images_per_s']:.1f}"),
+            ("Ray Train (1 worker), images/s", f"{out['ray_images_per_s']:.1f}"),
+            ("Ray / direct", f"{out['ray_vs_direct_throughput_ratio']:.3f}")]
+    rows += [(f"trial overhead, {k}, s", f"{v:.1f}") for k, v in out["trial_overhead_s"].items()]
+    rows += [(f"augment {k}, images/s", f"{v:.0f} ({out['augment_vs_model_ratio'][k]:.1f}x "
+              "the model)") for k, v in out["augment_images_per_s"].items()]
+    rows += [(f"epoch {k}, s", f"{v:.2f}") for k, v in out.get("epoch_s", {}).items()]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
