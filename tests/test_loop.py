@@ -45,6 +45,24 @@ def test_lr_peaks_at_the_end_of_the_peak_epoch(tiny_config):
     assert all(a >= b for a, b in zip(lrs[peak:-1], lrs[peak + 1:], strict=True))
 
 
+@pytest.mark.parametrize(("epochs", "peak_epoch", "steps"),
+                         [(1, 1, 1), (1, 1, 2), (2, 1, 1), (2, 2, 1), (3, 1, 1), (1, 1, 3)])
+def test_a_schedule_of_a_few_steps_runs_its_whole_length(tiny_config, epochs, peak_epoch, steps):
+    # A tiny data set gives one or two batches per epoch; the schedule must still step.
+    config = tiny_config.replace("search", peak_epoch_range=None)
+    config = config.replace("train", epochs=epochs, peak_epoch=peak_epoch, max_lr=0.4)
+    optimizer = make_optimizer(build_model("resnet18"), config)
+    scheduler = make_scheduler(optimizer, config, steps)
+    lrs = []
+    for _ in range(epochs * steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert all(0 < lr <= 0.4 for lr in lrs)
+    if epochs * steps >= 3:
+        assert max(lrs) > lrs[0] and max(lrs) > lrs[-1]
+
+
 def test_a_run_reports_every_epoch_with_a_checkpoint(tiny_config, tmp_path):
     config = tiny_config.replace("train", max_lr=0.05, peak_epoch=2)
     reports = []

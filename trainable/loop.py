@@ -64,13 +64,19 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: Config,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    """One cycle over exactly `epochs` epochs, peaking at the end of epoch `peak_epoch`
-    (with peak_epoch == epochs, one step earlier: the descent needs at least one step)."""
+    """One cycle over exactly `epochs` epochs, peaking at the end of epoch `peak_epoch`.
+
+    OneCycleLR divides by each phase's length in steps, so the warm-up is kept longer than
+    one step and the descent at least one step (with peak_epoch == epochs the peak comes one
+    step early); only a schedule of one or two steps in all moves the peak further.
+    """
     t = config.train
     total_steps = t.epochs * steps_per_epoch
+    warmup_steps = t.peak_epoch * steps_per_epoch
+    warmup_steps = min(max(min(warmup_steps, total_steps - 1), 1.5), total_steps - 0.5)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=t.max_lr, epochs=t.epochs, steps_per_epoch=steps_per_epoch,
-        pct_start=min(t.peak_epoch / t.epochs, (total_steps - 1) / total_steps),
+        pct_start=warmup_steps / total_steps,
         div_factor=t.div_factor,
         final_div_factor=t.final_div_factor, anneal_strategy="cos",
         # SGD's momentum stays fixed at train.momentum, as in the original recipe.
