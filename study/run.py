@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -45,6 +46,7 @@ from study.trial import (
 )
 from trainable.config import Config, ConfigError, from_dict, load_config, to_dict
 from trainable.data import DataError, Splits, load_splits
+from trainable.model import build_model
 
 EXIT_BAD_INPUT = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +143,37 @@ def resolve(args: argparse.Namespace) -> Plan:
                            "epochs to search the peak epoch")
         # Absolute, so that trials on other processes and the report find the data.
         config = config.replace("data", dir=str(Path(config.data.dir).resolve()))
+    check_storage(experiment_dir, config)
     return Plan(config, experiment_dir, args.resume)
+
+
+def checkpoint_bytes(config: Config) -> int:
+    """Bytes of one trial checkpoint: the model's state and SGD's momentum, one per weight."""
+    model = build_model(config.model.name)
+    tensors = list(model.state_dict().values()) + list(model.parameters())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_storage(experiment_dir: Path, config: Config) -> None:
+    """Refuse a storage place the study could not finish in: not a writable folder, or with
+    less free space than every trial's kept checkpoints (a full disk mid-study loses trials)."""
+    existing = next(p for p in (experiment_dir, *experiment_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise BadInput(f"{existing}: not a folder, so it cannot hold the experiment")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise BadInput(f"{existing}: cannot write there ({err.strerror})") from None
+    search = config.search
+    each = checkpoint_bytes(config)
+    need = search.num_samples * search.num_to_keep * each
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise BadInput(f"{existing}: {free / 1e9:.2f} GB free, the study's checkpoints need "
+                       f"{need / 1e9:.2f} GB ({search.num_samples} trials x "
+                       f"{search.num_to_keep} kept x {each / 1e6:.0f} MB); free space or "
+                       "lower search.num_samples or search.num_to_keep")
 
 
 def search_space(config: Config, estimate: float) -> tuple[dict[str, Any], dict[str, Any]]:

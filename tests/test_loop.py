@@ -107,6 +107,35 @@ def test_resuming_reaches_the_same_weights_as_an_uninterrupted_run(tiny_config, 
     assert not torch.equal(fresh.model.head.weight, whole.model.head.weight)
 
 
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path, capsys):
+    splits = load_splits(tiny_config.data)
+    kept = {}
+
+    def keep(metrics, checkpoint_dir):
+        kept[metrics["epoch"]] = shutil.copytree(
+            checkpoint_dir, tmp_path / f"checkpoint_{metrics['epoch']:06d}")
+
+    whole = train(tiny_config, splits, keep)
+    shutil.rmtree(kept[3])  # interrupted after epoch 2, whose checkpoint is then cut short
+    damaged = kept[2] / CHECKPOINT_FILE
+    damaged.write_bytes(damaged.read_bytes()[:4096])
+    epochs = []
+    resumed = train(tiny_config, splits, lambda m, _: epochs.append(m["epoch"]),
+                    resume_from=kept[2])
+    err = capsys.readouterr().err
+    assert f"checkpoint {kept[2]} is unreadable" in err
+    assert f"continuing from the older checkpoint {kept[1]} (epoch 1)" in err
+    assert epochs == [2, 3]
+    assert torch.equal(resumed.model.head.weight, whole.model.head.weight)
+    # A readable file that is not this loop's checkpoint is refused too; nothing is left.
+    torch.save({"model": {"head.weight": torch.zeros(3)}}, kept[1] / CHECKPOINT_FILE)
+    epochs.clear()
+    train(tiny_config, splits, lambda m, _: epochs.append(m["epoch"]), resume_from=kept[2])
+    err = capsys.readouterr().err
+    assert "not a checkpoint of this loop" in err and "restarts at epoch 1" in err
+    assert epochs == [1, 2, 3]
+
+
 def test_a_non_finite_loss_ends_the_run_as_diverged(tiny_config):
     config = tiny_config.replace("train", max_lr=100, div_factor=1.0)
     reports = []

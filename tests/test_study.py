@@ -211,6 +211,39 @@ def test_bad_input_is_refused_before_ray_starts(synthetic_dir, tmp_path, capsys,
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("storage, message", [
+    ("/proc/onecycle-runs", "/proc: cannot write there"),  # a read-only file system
+    ("{tmp}/a-file/runs", "a-file: not a folder, so it cannot hold the experiment"),
+])
+def test_unwritable_storage_is_refused_before_ray_starts(synthetic_dir, tmp_path, capsys,
+                                                         storage, message):
+    import ray
+
+    (tmp_path / "a-file").write_text("not a folder")
+    code = study_main(tiny(synthetic_dir, "--storage", storage.format(tmp=tmp_path)))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert not ray.is_initialized()
+
+
+def test_a_disk_too_full_for_the_checkpoints_is_refused(synthetic_dir, tmp_path, capsys,
+                                                         monkeypatch):
+    import shutil
+
+    import ray
+
+    free = 500e6  # bytes: room for 5 checkpoints of 89 MB, not for 3 trials x 2 kept
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1e12, 0, free))
+    code = study_main(tiny(synthetic_dir, "--storage", str(tmp_path / "runs"),
+                           "--num-samples", "3", "--set", "search.num_to_keep=2"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "0.50 GB free, the study's checkpoints need 0.54 GB (3 trials x 2 kept x 89 MB)" in err
+    assert not (tmp_path / "runs").exists() and not ray.is_initialized()
+
+
 def test_gpus_requested_on_a_cluster_without_any(ray_address, synthetic_dir, tmp_path, capsys):
     code = study_main(tiny(synthetic_dir, "--address", ray_address, "--storage",
                            str(tmp_path), "--gpus-per-trial", "0.5"))

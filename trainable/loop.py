@@ -7,7 +7,9 @@ the caller decides what to do with both (print them, hand them to Ray Tune, keep
 from __future__ import annotations
 
 import math
+import pickle
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -153,6 +155,53 @@ def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
                       weights_only=True)
 
 
+# What a damaged checkpoint raises on load: a truncated zip, a bad pickle, a missing file.
+UNREADABLE = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError)
+STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "config", "history")
+
+
+def _fits(state: Any, module: nn.Module) -> str | None:
+    """Why `state` cannot continue a run of `module`, or None when it can."""
+    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+        return "not a checkpoint of this loop"
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    found = {k: getattr(v, "shape", None) for k, v in state["model"].items()}
+    return None if found == expected else "weights of another model"
+
+
+def _restore_candidates(resume_from: Path) -> list[Path]:
+    """The checkpoint asked for, then the older ones beside it, newest first: Tune and Train
+    keep a trial's checkpoints side by side, named so that they sort by time."""
+    older = [p for p in resume_from.parent.iterdir()
+             if p.name < resume_from.name and (p / CHECKPOINT_FILE).is_file()]
+    return [resume_from] + sorted(older, key=lambda p: p.name, reverse=True)
+
+
+def readable_checkpoint(resume_from: str | Path, config: Config,
+                        module: nn.Module) -> dict[str, Any] | None:
+    """The newest readable checkpoint to continue from, or None (start at epoch 1) when none
+    is; each one skipped is named on stderr. A readable one of another config is an error."""
+    for candidate in _restore_candidates(Path(resume_from)):
+        try:
+            state = load_checkpoint(candidate)
+            problem = _fits(state, module)
+        except UNREADABLE as error:
+            problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        if problem is not None:
+            print(f"onecycle: checkpoint {candidate} is unreadable ({problem}); skipped",
+                  file=sys.stderr)
+            continue
+        if state["config"] != to_dict(config):
+            raise CheckpointMismatch(f"{candidate}: checkpoint was made with another config")
+        if candidate != Path(resume_from):
+            print(f"onecycle: continuing from the older checkpoint {candidate} "
+                  f"(epoch {state['epoch']})", file=sys.stderr)
+        return state
+    print(f"onecycle: no readable checkpoint beside {resume_from}; the run restarts at epoch 1",
+          file=sys.stderr)
+    return None
+
+
 def train(config: Config, splits: Splits, report: Report | None = None, *,
           resume_from: str | Path | None = None, runtime: Runtime | None = None,
           progress: bool = False, prepare_model: Wrap | None = None,
@@ -179,10 +228,8 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
     history: list[dict[str, Any]] = []
     first_epoch = 1
 
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        if state["config"] != to_dict(config):
-            raise CheckpointMismatch(f"{resume_from}: checkpoint was made with another config")
+    state = None if resume_from is None else readable_checkpoint(resume_from, config, module)
+    if state is not None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
