@@ -16,10 +16,12 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import typing
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -59,8 +61,16 @@ class BadInput(ValueError):
     """Input refused before any work: printed as one line, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, refusing bad flags as every other bad input is: one line, exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python study/run.py", description=__doc__,
+    p = OneLineParser(prog="python study/run.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -103,7 +113,7 @@ def resolve(args: argparse.Namespace) -> Plan:
     """The config and the experiment directory, all checked; nothing written."""
     if args.workers_per_trial < 1:
         raise BadInput(f"--workers-per-trial={args.workers_per_trial}: must be at least 1")
-    if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
+    if args.cpus_per_worker is not None and not 0 < args.cpus_per_worker < math.inf:
         raise BadInput(f"--cpus-per-worker={args.cpus_per_worker}: must be positive")
     if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial < math.inf:
         raise BadInput(f"--gpus-per-trial={args.gpus_per_trial}: must be 0 or more")
@@ -116,8 +126,9 @@ def resolve(args: argparse.Namespace) -> Plan:
 
     storage = Path(args.storage).resolve()
     name = args.name or datetime.datetime.now(datetime.UTC).strftime("study-%Y%m%dT%H%M%SZ")
-    if not name or "/" in name or name in (".", ".."):
-        raise BadInput(f"--name {name!r}: must be a plain folder name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise BadInput(f"--name {name!r}: must be a plain folder name "
+                       "(letters, digits, '.', '_', '-'; not starting with '.' or '-')")
     experiment_dir = storage / name
 
     overrides = list(args.overrides)

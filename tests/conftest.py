@@ -103,6 +103,15 @@ def reports(trial_dir) -> list[dict]:
             if line.strip()]
 
 
+def trial_epochs(experiment) -> dict[str, list[int]]:
+    """Every epoch each trial reported, in order (an epoch run twice appears twice)."""
+    found = {}
+    for trial_dir in experiment.glob("trial_*"):
+        if (trial_dir / "result.json").exists():
+            found[trial_dir.name] = [r["epoch"] for r in reports(trial_dir)]
+    return found
+
+
 @pytest.fixture(scope="session")
 def finished(ray_address, synthetic_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
-import time
 import urllib.request
 
 import optuna
@@ -98,63 +96,6 @@ def test_a_diverging_trial_ends_diverged_and_the_study_goes_on(ray_address, synt
     assert analysis_main([str(tmp_path / "diverge")]) == 2
     assert "no completed trial" in capsys.readouterr().err
     assert not (tmp_path / "diverge" / "report").exists()
-
-
-def trial_epochs(experiment) -> dict[str, list[int]]:
-    found = {}
-    for trial_dir in experiment.glob("trial_*"):
-        if (trial_dir / "result.json").exists():
-            found[trial_dir.name] = [r["epoch"] for r in reports(trial_dir)]
-    return found
-
-
-def test_killed_driver_resumes_to_exactly_num_samples(ray_address, synthetic_dir, tmp_path):
-    args = [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--local", "--storage",
-                        str(tmp_path), "--name", "killed", "--num-samples", "3", "--no-report",
-                        "--set", "train.epochs=3", "--set", "search.peak_epoch_range=[1, 2]")]
-    experiment = tmp_path / "killed"
-    driver = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    try:
-        # Kill once one trial has finished and the next has checkpointed its first epoch.
-        while time.monotonic() < deadline:
-            epochs = trial_epochs(experiment)
-            done = [t for t, e in epochs.items() if e and e[-1] == 3]
-            started = [t for t, e in epochs.items() if e and e[-1] < 3]
-            if done and started:
-                break
-            assert driver.poll() is None, "the study ended before it could be killed"
-            time.sleep(0.2)
-        else:
-            pytest.fail("no trial finished in time")
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(30)
-    finally:
-        driver.kill()
-    interrupted = started[0]
-    epochs_before = trial_epochs(experiment)[interrupted]
-
-    resumed = subprocess.run([*RUN, "--address", ray_address, "--storage", str(tmp_path),
-                              "--name", "killed", "--resume", "--local", "--no-report"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    table = results(experiment)
-    assert len(table) == 3 and set(table["status"]) == {"COMPLETED"}
-    epochs = trial_epochs(experiment)
-    assert len(epochs) == 3
-    for trial, seen in epochs.items():
-        assert sorted(set(seen)) == [1, 2, 3], trial
-    # The interrupted trial went on from its checkpoint: no epoch it had reported ran again.
-    after = epochs[interrupted][len(epochs_before):]
-    assert after and after[0] > epochs_before[-1] - 1 and after[-1] == 3
-    assert epochs[interrupted].count(1) == 1
-    # Optuna's own record survived too: one finished trial per Tune trial, none left running.
-    storage = f"sqlite:///{experiment / OPTUNA_DB}"
-    (summary,) = optuna.get_all_study_summaries(storage)
-    states = [t.state for t in optuna.load_study(study_name=summary.study_name,
-                                                 storage=storage).trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 3, states
 
 
 def test_torch_trainer_path_and_dashboard(synthetic_dir, tmp_path):

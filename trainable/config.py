@@ -214,6 +214,11 @@ def from_dict(raw: Any) -> Config:
                      for name, section in raw.items()})
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: parser errors carry `problem`, reader errors only text."""
+    return getattr(err, "problem", None) or str(err).splitlines()[0]
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`train.epochs=5` -> ("train.epochs", 5); the value is read as YAML."""
     key, sep, value = text.partition("=")
@@ -222,7 +227,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key, yaml.safe_load(value)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({err.problem})") from None
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({_yaml_problem(err)})"
+                          ) from None
 
 
 def set_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +253,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: cannot read config ({err})") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err.problem})") from None
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path}: a config must be a mapping of sections")
     parsed = dict(parse_override(text) for text in overrides)

@@ -1,0 +1,191 @@
+"""Faults a study must survive, as Ray's own release tests provoke them, on CPU with tiny data:
+a driver killed at several moments, a node lost mid-trial, many trials. docs/reliability.md
+tabulates what these tests do and what was lost (nothing)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+
+from study.layout import LR_FINDER_JSON, OPTUNA_DB, REPORT_DIR, STUDY_JSON
+
+from .conftest import REPO, RUN, reports, results, tiny, trial_epochs
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_for(driver: subprocess.Popen, condition, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert driver.poll() is None, f"the study ended before {what}"
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _kill_when(args: list[str], condition, what: str) -> None:
+    """Start the driver and SIGKILL it as soon as `condition()` holds."""
+    driver = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(driver, condition, what)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        driver.kill()
+
+
+def test_driver_killed_at_four_moments_resumes_to_exactly_num_samples(ray_address,
+                                                                       synthetic_dir, tmp_path):
+    """One study, its driver SIGKILLed during the LR range test, between two trials, in the
+    middle of a trial and while the report is written; each time `--resume` continues it."""
+    epochs = 3
+    experiment = tmp_path / "killed"
+    first = [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--local", "--storage",
+                         str(tmp_path), "--name", "killed", "--num-samples", "3",
+                         "--set", f"train.epochs={epochs}",
+                         "--set", "search.peak_epoch_range=[1, 2]")]
+    resume = [*RUN, "--address", ray_address, "--storage", str(tmp_path), "--name", "killed",
+              "--resume", "--local"]
+
+    def finished_trials() -> list[str]:
+        return [t for t, seen in trial_epochs(experiment).items() if seen[-1:] == [epochs]]
+
+    def running_trials() -> dict[str, list[int]]:
+        return {t: seen for t, seen in trial_epochs(experiment).items()
+                if seen and seen[-1] < epochs}
+
+    _kill_when(first, lambda: _in_range_test(experiment), "the LR range test")
+    assert not (experiment / LR_FINDER_JSON).exists()
+
+    _kill_when(resume, lambda: len(finished_trials()) == 1 and not running_trials(),
+               "the end of the first trial")
+    assert len(trial_epochs(experiment)) == 1
+
+    _kill_when(resume, lambda: bool(running_trials()), "a trial's first epochs")
+    (interrupted, before), = running_trials().items()
+
+    _kill_when(resume, lambda: (experiment / f"{REPORT_DIR}.partial").exists(), "the report")
+    assert not (experiment / REPORT_DIR).exists()
+
+    last = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert last.returncode == 0, last.stderr[-3000:]
+
+    table = results(experiment)
+    assert len(table) == 3 and set(table["status"]) == {"COMPLETED"}
+    seen = trial_epochs(experiment)
+    assert set(seen) == {f"trial_{t}" for t in table["trial_id"]}
+    for trial, reported in seen.items():
+        assert sorted(set(reported)) == list(range(1, epochs + 1)), trial
+        assert reported.count(epochs) == 1, f"{trial} finished twice: {reported}"
+    # The trial killed mid-way went on from its checkpoint: no epoch it had reported ran again.
+    assert seen[interrupted][:len(before)] == before
+    assert seen[interrupted].count(1) == 1, seen[interrupted]
+    storage = f"sqlite:///{experiment / OPTUNA_DB}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    states = [t.state for t in optuna.load_study(study_name=summary.study_name,
+                                                 storage=storage).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3, states
+    assert optuna.trial.TrialState.RUNNING not in states
+    # The report is whole and agrees with results.csv.
+    assert not (experiment / f"{REPORT_DIR}.partial").exists()
+    summary = json.loads((experiment / REPORT_DIR / "summary.json").read_text())
+    best = table.loc[table["best_val_acc"].idxmax()]
+    assert summary["best_trial"]["trial_id"] == best["trial_id"]
+    assert summary["trials_by_status"] == {"COMPLETED": 3}
+    index = (experiment / REPORT_DIR / "index.html").read_text()
+    assert all(trial_id in index for trial_id in table["trial_id"])
+
+
+def _in_range_test(experiment: Path) -> bool:
+    """study.json is written just before the range test's Ray task starts, and lr_finder.json
+    when it ends; two seconds on, the task is under way rather than still queued."""
+    study_json = experiment / STUDY_JSON
+    return (study_json.exists() and not (experiment / LR_FINDER_JSON).exists()
+            and time.time() - study_json.stat().st_mtime > 2.0)
+
+
+def test_a_lost_node_s_trial_continues_from_its_checkpoint_on_the_other(synthetic_dir,
+                                                                         tmp_path):
+    """Two Ray nodes on one machine (Ray's own `Cluster` test utility), one CPU each, so the
+    two trials run one per node; the worker node is killed once both have checkpointed an
+    epoch. The lost trial is retried (FailureConfig) on the head from its checkpoint."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 0, "include_dashboard": False,
+        "env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}})
+    worker = cluster.add_node(num_cpus=1, num_gpus=0)
+    epochs = 3
+    experiment = tmp_path / "nodes"
+    args = [*RUN, *tiny(synthetic_dir, "--address", cluster.address, "--local", "--storage",
+                        str(tmp_path), "--name", "nodes", "--num-samples", "2", "--no-report",
+                        "--set", f"train.epochs={epochs}", "--set", "search.max_concurrent=2",
+                        "--set", "search.max_failures=2")]
+    driver = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(driver, lambda: len([t for t in trial_epochs(experiment).values() if t]) == 2,
+                  "both trials' first epoch", timeout=180)
+        cluster.remove_node(worker, allow_graceful=False)
+        _, err = driver.communicate(timeout=300)
+        assert driver.returncode == 0, err[-3000:]
+    finally:
+        driver.kill()
+        cluster.shutdown()
+    table = results(experiment)
+    assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
+    restored = []
+    for trial_dir in experiment.glob("trial_*"):
+        rows = reports(trial_dir)
+        assert [r["epoch"] for r in rows] == list(range(1, epochs + 1)), trial_dir.name
+        if any(r["iterations_since_restore"] < r["training_iteration"] for r in rows):
+            restored.append(trial_dir.name)
+    assert len(restored) == 1, "exactly the lost node's trial was restored"
+
+
+def test_fifty_tiny_trials_finish_within_num_to_keep_and_flat_memory(ray_address,
+                                                                    synthetic_dir, tmp_path):
+    """50 one-step trials under ASHA: all end, each keeps at most num_to_keep checkpoints,
+    and the driver's memory does not grow with the number of trials."""
+    trials = 50
+    experiment = tmp_path / "many"
+    args = [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--local", "--storage",
+                        str(tmp_path), "--name", "many", "--num-samples", str(trials),
+                        "--scheduler", "asha", "--no-report", "--set", "data.limit_train=16",
+                        "--set", "search.max_concurrent=2", "--set", "search.num_to_keep=1",
+                        "--set", "search.grace_period=1")]
+    driver = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    rss_by_trials: dict[int, int] = {}  # driver's resident bytes, by trials started
+    try:
+        process = psutil.Process(driver.pid)
+        while driver.poll() is None:
+            started = len(list(experiment.glob("trial_*")))
+            with contextlib.suppress(psutil.NoSuchProcess):
+                rss_by_trials[started] = max(rss_by_trials.get(started, 0),
+                                             process.memory_info().rss)
+            time.sleep(0.25)
+        _, err = driver.communicate(timeout=60)
+        assert driver.returncode == 0, err[-3000:]
+    finally:
+        driver.kill()
+    table = results(experiment)
+    assert len(table) == trials and set(table["status"]) <= {"COMPLETED", "STOPPED"}
+    assert "STOPPED" in set(table["status"])  # ASHA did stop some
+    kept = {d.name: len(list(d.glob("checkpoint_*"))) for d in experiment.glob("trial_*")}
+    assert max(kept.values()) <= 1, kept
+    early = max(rss for n, rss in rss_by_trials.items() if 5 <= n <= 15)
+    late = max(rss for n, rss in rss_by_trials.items() if n >= trials - 5)
+    print(f"driver RSS: {early / 1e6:.0f} MB at 5-15 trials, {late / 1e6:.0f} MB at the end")
+    assert late < early * 1.25
