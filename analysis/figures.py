@@ -11,6 +11,7 @@ import pandas as pd
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 
 DPI = 110
@@ -74,6 +75,7 @@ def plot_curves(history: pd.DataFrame, val_name: str, path: Path) -> None:
         ax.plot(history["epoch"], history[f"train_{metric}"], marker="o", label="train")
         ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", label=val_name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
         ax.set_title("accuracy" if metric == "acc" else "loss")
         ax.grid(alpha=0.3)
@@ -137,6 +139,7 @@ def plot_trials(histories: dict[str, pd.DataFrame], statuses: dict[str, str], be
             ax.scatter([], [], marker=marker, color="black", label=status.lower())
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{val_name} accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Every trial's accuracy per epoch")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -156,6 +159,7 @@ def plot_search_space(table: pd.DataFrame, estimate: float, best: str, path: Pat
     ax.set_xscale("log")
     ax.set_xlabel("max_lr")
     ax.set_ylabel("peak_epoch")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("The searched space: every trial")
     ax.grid(alpha=0.3)
     ax.legend()

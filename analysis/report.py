@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 import torch
@@ -140,11 +141,13 @@ def build_report(experiment_dir: Path, data_dir: str | None = None) -> Path:
     classes = splits.classes
 
     # The original's figures.
-    shown = min(20, len(splits.train.labels))
+    # A seeded sample: the training split may be ordered by class.
+    shown = np.random.default_rng(config.train.seed).choice(
+        len(splits.train.labels), size=min(20, len(splits.train.labels)), replace=False)
     transform = train_transform(config.data, seed=config.train.seed)
     augmented = to_uint8_images(torch.stack(
-        [transform(image=img)["image"] for img in splits.train.images[:shown]]))
-    figures.image_grid(augmented, [classes[y] for y in splits.train.labels[:shown]],
+        [transform(image=splits.train.images[i])["image"] for i in shown]))
+    figures.image_grid(augmented, [classes[splits.train.labels[i]] for i in shown],
                        path["augmentations"])
     finder = json.loads((experiment_dir / LR_FINDER_JSON).read_text())
     figures.plot_lr_finder(finder["lrs"], finder["losses"], finder["suggested_lr"],

@@ -3,6 +3,8 @@ per-epoch history of each. Used at the end of a study and by the analysis."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -42,10 +44,27 @@ def _history(result: ray.tune.Result) -> pd.DataFrame:
     return frame.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
 
 
+# Reading a finished Train run back logs, at INFO, advice meant for starting a new run there.
+TRAIN_SNAPSHOT_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _best_checkpoint(result: ray.tune.Result, experiment_dir: Path, trial_id: str) -> str | None:
     train_run = experiment_dir / TRAIN_RUNS / f"train-{trial_id}"
     if train_run.is_dir():  # the TorchTrainer path: Ray Train kept the checkpoints
-        checkpoint = ray.train.Result.from_path(str(train_run)).get_best_checkpoint(METRIC, MODE)
+        with _quiet(TRAIN_SNAPSHOT_LOGGER):
+            run = ray.train.Result.from_path(str(train_run))
+        checkpoint = run.get_best_checkpoint(METRIC, MODE)
     else:
         scored = [(m.get(METRIC, -math.inf), c) for c, m in result.best_checkpoints or []
                   if not m.get("diverged")]
