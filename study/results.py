@@ -23,6 +23,7 @@ COMPLETED = "COMPLETED"  # ran every epoch
 STOPPED = "STOPPED"  # stopped early by the scheduler (ASHA)
 DIVERGED = "DIVERGED"  # a loss went non-finite
 ERROR = "ERROR"  # raised, after its retries
+ENDED = (COMPLETED, STOPPED, DIVERGED, ERROR)  # a trial in none of these was interrupted
 COLUMNS = ["trial_id", "status", "max_lr", "peak_epoch", "epochs_run", "best_val_acc",
            "final_val_acc", "val_loss", "train_loss", "wall_s", "checkpoint"]
 

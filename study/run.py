@@ -36,7 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 from analysis.figures import plot_lr_finder
 from analysis.report import build_report
 from study.layout import LR_FINDER_JSON, LR_FINDER_PNG, OPTUNA_DB, STUDY_JSON
-from study.results import best_trial, write_results
+from study.results import ENDED, best_trial, write_results
 from study.trial import (
     DRIVER_CPU,
     METRIC,
@@ -55,6 +55,10 @@ REPO = Path(__file__).resolve().parents[1]
 ORIGINAL_PEAK = (5, 20)  # the original's LR peaked at epoch 5 of 20
 # Cut Ray Train's 2 s status polling: a 4-epoch trial took 15.5 s instead of 24.7 s.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# Tune saves the experiment's state (and flushes each trial's result.json) at most every 10 s
+# by default; a driver killed in between loses that much, and resumed trials redo it. Every
+# second costs a few ms per save here. The user's own setting wins.
+TUNE_STATE_PERIOD = ("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 
 class BadInput(ValueError):
@@ -312,7 +316,20 @@ def range_test_results(plan: Plan, splits_ref: ray.ObjectRef,
     return found
 
 
+def close_orphaned_optuna_trials(experiment_dir: Path) -> None:
+    """Mark FAIL the Optuna trials still RUNNING once Tune has finished: suggestions made by a
+    driver that was killed before it saved them, which no Tune trial will ever complete."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / OPTUNA_DB}")
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+            storage.set_trial_user_attr(trial._trial_id, "closed_by",
+                                        "study/run.py: its driver was killed before saving it")
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+
 def make_tuner(plan: Plan, trainable, estimate: float, local: bool) -> tune.Tuner:
+    os.environ.setdefault(*TUNE_STATE_PERIOD)  # read by Tune's controller, in this process
     config = plan.config
     search = config.search
     if plan.resume and tune.Tuner.can_restore(str(plan.experiment_dir)):
@@ -385,6 +402,8 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
                                    plan.experiment_dir)
         make_tuner(plan, trainable, estimate, resources.local).fit()
         table = write_results(plan.experiment_dir, plan.config)
+        if len(table) == plan.config.search.num_samples and table["status"].isin(ENDED).all():
+            close_orphaned_optuna_trials(plan.experiment_dir)
     finally:
         ray.shutdown()
     print(table.to_string(index=False), flush=True)
