@@ -351,6 +351,8 @@ def make_tuner(plan: Plan, trainable, estimate: float, local: bool) -> tune.Tune
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
             num_samples=search.num_samples, max_concurrent_trials=search.max_concurrent,
+            # A new trial in the last one's process: no Python and torch start per trial.
+            reuse_actors=True,
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=plan.experiment_dir.name, storage_path=str(plan.experiment_dir.parent),
