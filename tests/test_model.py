@@ -9,7 +9,7 @@ from torch import nn
 
 from trainable.model import BasicBlock, build_model
 
-SUMMARY = Path(__file__).parent / "data" / "era_s11_summary.txt"  # from the seed README
+SUMMARY = Path(__file__).parent / "fixtures" / "era_s11_summary.txt"  # from the seed README
 
 
 def summary_rows(model: nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
