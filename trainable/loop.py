@@ -162,7 +162,8 @@ STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "config", "hist
 
 def _fits(state: Any, module: nn.Module) -> str | None:
     """Why `state` cannot continue a run of `module`, or None when it can."""
-    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+    if (not isinstance(state, dict) or any(key not in state for key in STATE_KEYS)
+            or not isinstance(state["model"], dict)):
         return "not a checkpoint of this loop"
     expected = {k: v.shape for k, v in module.state_dict().items()}
     found = {k: getattr(v, "shape", None) for k, v in state["model"].items()}
