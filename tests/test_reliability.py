@@ -83,7 +83,9 @@ def test_driver_killed_at_four_moments_resumes_to_exactly_num_samples(ray_addres
 
     table = results(experiment)
     assert len(table) == 3 and set(table["status"]) == {"COMPLETED"}
-    seen = trial_epochs(experiment)
+    # A trial started in the second before a kill, before Tune saved it, leaves an empty
+    # folder; Tune starts another in its place. Every trial that reported is in results.csv.
+    seen = {trial: reported for trial, reported in trial_epochs(experiment).items() if reported}
     assert set(seen) == {f"trial_{t}" for t in table["trial_id"]}
     for trial, reported in seen.items():
         assert sorted(set(reported)) == list(range(1, epochs + 1)), trial
@@ -156,10 +158,10 @@ def test_a_lost_node_s_trial_continues_from_its_checkpoint_on_the_other(syntheti
 
 def test_many_tiny_trials_finish_within_num_to_keep_and_flat_memory(ray_address,
                                                                      synthetic_dir, tmp_path):
-    """24 two-step-per-epoch trials under ASHA, two at a time: all end, ASHA stops some at its
+    """20 two-step-per-epoch trials under ASHA, two at a time: all end, ASHA stops some at its
     rung (epoch 2), each keeps at most num_to_keep checkpoints besides its latest, and the
     driver's memory does not grow with the number of trials."""
-    trials, epochs = 24, 3
+    trials, epochs = 20, 3
     experiment = tmp_path / "many"
     args = [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--local", "--storage",
                         str(tmp_path), "--name", "many", "--num-samples", str(trials),
