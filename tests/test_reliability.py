@@ -157,7 +157,7 @@ def test_a_lost_node_s_trial_continues_from_its_checkpoint_on_the_other(syntheti
 
 
 def test_many_tiny_trials_finish_within_num_to_keep_and_flat_memory(ray_address,
-                                                                     synthetic_dir, tmp_path):
+                                                                    synthetic_dir, tmp_path):
     """20 two-step-per-epoch trials under ASHA, two at a time: all end, ASHA stops some at its
     rung (epoch 2), each keeps at most num_to_keep checkpoints besides its latest, and the
     driver's memory does not grow with the number of trials."""
