@@ -127,12 +127,18 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_pa
     assert f"continuing from the older checkpoint {kept[1]} (epoch 1)" in err
     assert epochs == [2, 3]
     assert torch.equal(resumed.model.head.weight, whole.model.head.weight)
-    # A readable file that is not this loop's checkpoint is refused too; nothing is left.
+    # A readable file that is not this loop's checkpoint is refused too, and so is another
+    # run's checkpoint lying beside it (a temporary folder holds any run's); nothing is left.
+    foreign = load_checkpoint(kept[1])
+    foreign["config"]["train"]["seed"] = 1
+    (tmp_path / "checkpoint_000000").mkdir()
+    torch.save(foreign, tmp_path / "checkpoint_000000" / CHECKPOINT_FILE)
     torch.save({"model": {"head.weight": torch.zeros(3)}}, kept[1] / CHECKPOINT_FILE)
     epochs.clear()
     train(tiny_config, splits, lambda m, _: epochs.append(m["epoch"]), resume_from=kept[2])
     err = capsys.readouterr().err
     assert "not a checkpoint of this loop" in err and "restarts at epoch 1" in err
+    assert f"checkpoint {tmp_path / 'checkpoint_000000'} is another run's" in err
     assert epochs == [1, 2, 3]
 
 

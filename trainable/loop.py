@@ -181,7 +181,8 @@ def _restore_candidates(resume_from: Path) -> list[Path]:
 def readable_checkpoint(resume_from: str | Path, config: Config,
                         module: nn.Module) -> dict[str, Any] | None:
     """The newest readable checkpoint to continue from, or None (start at epoch 1) when none
-    is; each one skipped is named on stderr. A readable one of another config is an error."""
+    is; each one skipped is named on stderr. The one asked for made with another config is
+    an error."""
     for candidate in _restore_candidates(Path(resume_from)):
         try:
             state = load_checkpoint(candidate)
@@ -193,7 +194,11 @@ def readable_checkpoint(resume_from: str | Path, config: Config,
                   file=sys.stderr)
             continue
         if state["config"] != to_dict(config):
-            raise CheckpointMismatch(f"{candidate}: checkpoint was made with another config")
+            if candidate == Path(resume_from):
+                raise CheckpointMismatch(f"{candidate}: checkpoint was made with another config")
+            # Beside a copy in a temporary folder may lie other runs' checkpoints.
+            print(f"onecycle: checkpoint {candidate} is another run's; skipped", file=sys.stderr)
+            continue
         if candidate != Path(resume_from):
             print(f"onecycle: continuing from the older checkpoint {candidate} "
                   f"(epoch {state['epoch']})", file=sys.stderr)
