@@ -21,7 +21,7 @@ from torch import nn
 from analysis import figures
 from analysis.explain import evaluate_test, gradcam_maps, misclassified
 from analysis.html import write_index
-from study.layout import LR_FINDER_JSON, OPTUNA_DB, REPORT_DIR, STUDY_JSON
+from study.layout import LR_FINDER_JSON, REPORT_DIR, STUDY_JSON, optuna_url
 from study.results import Trial, best_trial, load_trials, trial_table
 from trainable.config import Config, from_dict
 from trainable.data import load_splits, to_uint8_images, train_transform
@@ -93,7 +93,7 @@ def _lr_per_step(config: Config, steps_per_epoch: int) -> list[float]:
 
 def _importances(experiment_dir: Path, name: str) -> dict[str, float] | str:
     """Optuna's importances, or why there are none."""
-    storage = f"sqlite:///{experiment_dir / OPTUNA_DB}"
+    storage = optuna_url(experiment_dir)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:

@@ -7,3 +7,8 @@ RESULTS_CSV = "results.csv"  # one row per trial
 OPTUNA_DB = "optuna.db"  # the Optuna study (SQLite): optuna-dashboard sqlite:///.../optuna.db
 TRAIN_RUNS = "train"  # Ray Train runs of the TorchTrainer path: train/train-<trial id>/
 REPORT_DIR = "report"  # what `python -m analysis` writes
+
+
+def optuna_url(experiment_dir) -> str:
+    """The SQLAlchemy URL of an experiment's Optuna study."""
+    return f"sqlite:///{experiment_dir}/{OPTUNA_DB}"

@@ -35,7 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from analysis.figures import plot_lr_finder
 from analysis.report import build_report
-from study.layout import LR_FINDER_JSON, LR_FINDER_PNG, OPTUNA_DB, STUDY_JSON
+from study.layout import LR_FINDER_JSON, LR_FINDER_PNG, STUDY_JSON, optuna_url
 from study.results import ENDED, best_trial, write_results
 from study.trial import (
     DRIVER_CPU,
@@ -319,13 +319,15 @@ def range_test_results(plan: Plan, splits_ref: ray.ObjectRef,
 def close_orphaned_optuna_trials(experiment_dir: Path) -> None:
     """Mark FAIL the Optuna trials still RUNNING once Tune has finished: suggestions made by a
     driver that was killed before it saved them, which no Tune trial will ever complete."""
-    storage = optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / OPTUNA_DB}")
+    storage = optuna.storages.RDBStorage(optuna_url(experiment_dir))
+    running = (optuna.trial.TrialState.RUNNING,)
     for summary in optuna.get_all_study_summaries(storage):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
-            storage.set_trial_user_attr(trial._trial_id, "closed_by",
+        study_id = storage.get_study_id_from_name(summary.study_name)
+        for trial in storage.get_all_trials(study_id, deepcopy=False, states=running):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            storage.set_trial_user_attr(trial_id, "closed_by",
                                         "study/run.py: its driver was killed before saving it")
-            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
 
 
 def make_tuner(plan: Plan, trainable, estimate: float, local: bool) -> tune.Tuner:
@@ -338,7 +340,7 @@ def make_tuner(plan: Plan, trainable, estimate: float, local: bool) -> tune.Tune
     space, first = search_space(config, estimate)
     searcher = OptunaSearch(
         points_to_evaluate=[first], seed=config.train.seed, study_name=plan.experiment_dir.name,
-        storage=optuna.storages.RDBStorage(f"sqlite:///{plan.experiment_dir / OPTUNA_DB}"),
+        storage=optuna.storages.RDBStorage(optuna_url(plan.experiment_dir)),
     )
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.epochs,

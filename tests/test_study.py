@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from analysis.__main__ import main as analysis_main
-from study.layout import LR_FINDER_JSON, LR_FINDER_PNG, OPTUNA_DB, RESULTS_CSV, STUDY_JSON
+from study.layout import LR_FINDER_JSON, LR_FINDER_PNG, RESULTS_CSV, STUDY_JSON, optuna_url
 from study.run import main as study_main
 
 from .conftest import EPOCHS, REPO, RUN, reports, results, study, tiny
@@ -49,7 +49,7 @@ def test_one_report_per_epoch_with_a_checkpoint(finished):
 
 def test_optuna_study_is_kept_in_sqlite(finished):
     experiment, _ = finished
-    storage = f"sqlite:///{experiment / OPTUNA_DB}"
+    storage = optuna_url(experiment)
     (summary,) = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
     assert len(trials) == 3
