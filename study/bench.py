@@ -1,11 +1,13 @@
 """Measure what a study's speed is made of, on this machine, side by side in one run.
 
     python study/bench.py [--device cpu|cuda] [--out bench.json] [--images N] [--batch-size B]
+                          [--trials T]
 
 - training images/s (steady state: the last of --epochs epochs) of the plain loop called
   directly vs the same loop in a Ray Train TorchTrainer with one worker given the same CPUs;
 - a Tune trial's fixed overhead, per path (TorchTrainer, --local): the wall time of a 1-epoch
-  trial less that epoch's training time;
+  trial less that epoch's training time, over --trials trials run one after another as a study
+  runs them (the median; and the Tuner's wall time less all training, per trial);
 - augmentation images/s: albumentations in this process, in the DataLoader processes a trial
   gets, and batched on the device (data.augment_on: gpu), each against the model's rate;
 - on CUDA, seconds per epoch of the default recipe with (a) the CPU albumentations loader,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +32,7 @@ import ray.train.torch
 import torch
 from ray import tune
 
-from study.trial import DRIVER_CPU, Resources, make_trainable, train_worker
+from study.trial import DRIVER_CPU, RAY_ENV, Resources, make_trainable, train_worker
 from trainable.config import Config, load_config, to_dict
 from trainable.data import ImageSet, Splits, load_splits, make_loader, train_transform
 from trainable.device import select_runtime
@@ -50,10 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=512, help="training images per epoch")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2, help="the last one is measured")
+    p.add_argument("--trials", type=int, default=3,
+                   help="1-epoch trials per path for the per-trial overhead (median)")
     p.add_argument("--address", help="a running Ray cluster to use")
     args = p.parse_args(argv)
-    if args.images < 1 or args.batch_size < 1 or args.epochs < 2:
-        p.exit(2, "error: need --images >= 1, --batch-size >= 1 and --epochs >= 2\n")
+    if args.images < 1 or args.batch_size < 1 or args.epochs < 2 or args.trials < 1:
+        p.exit(2, "error: need --images >= 1, --batch-size >= 1, --epochs >= 2 and "
+               "--trials >= 1\n")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "error: --device cuda: no CUDA device here\n")
     if args.out.exists():
@@ -85,9 +91,25 @@ def ray_images_per_s(config: Config, splits_ref: ray.ObjectRef, cpus: int, use_g
     return float(result.metrics["images_per_s"])
 
 
+class TrialClock(tune.Callback):
+    """Each trial's wall seconds, from Tune starting it to Tune seeing it complete."""
+
+    def __init__(self):
+        self.started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started[trial.trial_id] = time.perf_counter()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.seconds[trial.trial_id] = time.perf_counter() - self.started[trial.trial_id]
+
+
 def trial_overhead_s(config: Config, splits_ref: ray.ObjectRef, local: bool, use_gpu: bool,
-                     storage: Path) -> float:
-    """Wall seconds of a 1-epoch Tune trial, less that epoch's training seconds."""
+                     storage: Path, trials: int) -> dict[str, Any]:
+    """`trials` 1-epoch trials run one after another as a study runs them (actors reused):
+    each one's wall seconds less its epoch's training seconds, and the Tuner's whole wall time
+    less all training, per trial (that adds starting Tune and the trials' first process)."""
     one_epoch = config.replace("train", epochs=1, peak_epoch=1)
     cpus = ray.cluster_resources().get("CPU", 1)
     resources = Resources(workers=1, cpus_per_worker=1.0 if local else cpus - DRIVER_CPU,
@@ -95,15 +117,22 @@ def trial_overhead_s(config: Config, splits_ref: ray.ObjectRef, local: bool, use
     name = "local" if local else "torch"
     experiment = storage / f"overhead-{name}"
     experiment.mkdir()
+    clock = TrialClock()
     tuner = tune.Tuner(
         make_trainable(to_dict(one_epoch), splits_ref, resources, experiment),
         param_space={"max_lr": one_epoch.train.max_lr, "peak_epoch": 1},
-        tune_config=tune.TuneConfig(num_samples=1),
-        run_config=tune.RunConfig(name=experiment.name, storage_path=str(storage), verbose=0))
+        tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=experiment.name, storage_path=str(storage), verbose=0,
+                                  callbacks=[clock]))
     started = time.perf_counter()
-    (result,) = tuner.fit()
+    grid = tuner.fit()
     wall = time.perf_counter() - started
-    return wall - float(result.metrics["epoch_s"])
+    epoch_s = {result.metrics["trial_id"]: float(result.metrics["epoch_s"]) for result in grid}
+    each = [clock.seconds[trial_id] - epoch_s[trial_id] for trial_id in sorted(
+        epoch_s, key=clock.started.get)]
+    return {"each": each, "median": statistics.median(each),
+            "tuner_per_trial": (wall - sum(epoch_s.values())) / trials}
 
 
 def augment_images_per_s(config: Config, images: ImageSet, workers: int,
@@ -163,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         out["direct_images_per_s"] = direct_images_per_s(config, splits)
 
         ray.init(address=args.address, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}})
+                 runtime_env={"env_vars": RAY_ENV})
         try:
             splits_ref = ray.put(splits)
             # The same direct loop while Ray's daemons run: splits the Ray path's cost into
@@ -172,12 +201,15 @@ def main(argv: list[str] | None = None) -> int:
             cpus = int(ray.cluster_resources().get("CPU", 1))
             out["ray_images_per_s"] = ray_images_per_s(config, splits_ref, min(cpus,
                                                        runtime.cpus), use_gpu, scratch)
-            out["trial_overhead_s"] = {
-                "torch_trainer": trial_overhead_s(config, splits_ref, False, use_gpu,
-                                                  scratch_dir),
-                "local": trial_overhead_s(config, splits_ref, True, use_gpu, scratch_dir)}
+            overheads = {path: trial_overhead_s(config, splits_ref, path == "local", use_gpu,
+                                                scratch_dir, args.trials)
+                         for path in ("torch_trainer", "local")}
         finally:
             ray.shutdown()
+        out["trial_overhead_s"] = {k: v["median"] for k, v in overheads.items()}
+        out["trial_overhead_each_s"] = {k: v["each"] for k, v in overheads.items()}
+        out["tuner_overhead_per_trial_s"] = {k: v["tuner_per_trial"]
+                                             for k, v in overheads.items()}
         out["ray_vs_direct_throughput_ratio"] = out["ray_images_per_s"] / \
             out["direct_images_per_s"]
         workers = max(1, runtime.loader_workers(config.data.num_workers))
@@ -199,7 +231,11 @@ def print_table(out: dict[str, Any]) -> None:
              f"{out['direct_ray_idle_images_per_s']:.1f}"),
             ("Ray Train (1 worker), images/s", f"{out['ray_images_per_s']:.1f}"),
             ("Ray / direct", f"{out['ray_vs_direct_throughput_ratio']:.3f}")]
-    rows += [(f"trial overhead, {k}, s", f"{v:.1f}") for k, v in out["trial_overhead_s"].items()]
+    rows += [(f"trial overhead, {k}, s (median; each)", f"{v:.1f}; " + ", ".join(
+        f"{each:.1f}" for each in out["trial_overhead_each_s"][k]))
+        for k, v in out["trial_overhead_s"].items()]
+    rows += [(f"Tuner time less training, per trial, {k}, s", f"{v:.1f}")
+             for k, v in out["tuner_overhead_per_trial_s"].items()]
     rows += [(f"augment {k}, images/s", f"{v:.0f} ({out['augment_vs_model_ratio'][k]:.1f}x "
               "the model)") for k, v in out["augment_images_per_s"].items()]
     rows += [(f"epoch {k}, s", f"{v:.2f}") for k, v in out.get("epoch_s", {}).items()]

@@ -41,20 +41,19 @@ from study.trial import (
     DRIVER_CPU,
     METRIC,
     MODE,
+    RAY_ENV,
     DivergenceStopper,
     Resources,
     make_trainable,
-    remote_range_test,
 )
 from trainable.config import Config, ConfigError, from_dict, load_config, to_dict
 from trainable.data import DataError, Splits, load_splits
+from trainable.lr_range import range_test
 from trainable.model import build_model
 
 EXIT_BAD_INPUT = 2
 REPO = Path(__file__).resolve().parents[1]
 ORIGINAL_PEAK = (5, 20)  # the original's LR peaked at epoch 5 of 20
-# Cut Ray Train's 2 s status polling: a 4-epoch trial took 15.5 s instead of 24.7 s.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 # Tune saves the experiment's state (and flushes each trial's result.json) at most every 10 s
 # by default; a driver killed in between loses that much, and resumed trials redo it. Every
 # second costs a few ms per save here. The user's own setting wins.
@@ -297,6 +296,15 @@ def print_plan(plan: Plan, resources: Resources, at_once: int, estimate: float |
         "max_concurrent": config.search.max_concurrent,
         "trials_fitting_at_once": at_once,
     }, indent=2))
+
+
+# Here, not in study.trial: every trial process imports that module, and torch-lr-finder
+# brings matplotlib (0.4 s a process).
+@ray.remote
+def remote_range_test(base: dict[str, Any], splits_ref: list) -> dict[str, Any]:
+    """The LR range test as a Ray task with one trial worker's resources (so on a GPU node
+    whenever the trials are)."""
+    return range_test(from_dict(base), ray.get(splits_ref[0]))
 
 
 def range_test_results(plan: Plan, splits_ref: ray.ObjectRef,

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from study.layout import RESULTS_CSV
+from study.trial import RAY_ENV
 from trainable.config import Config, load_config
 from trainable.synthetic import write_dataset
 
@@ -63,7 +64,7 @@ def ray_address():
                     "--num-gpus=0", f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={_free_port()}", "--disable-usage-stats"],
                    check=True, capture_output=True, timeout=120,
-                   env={**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"})
+                   env={**os.environ, **RAY_ENV})
     yield f"127.0.0.1:{port}"
     subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, timeout=120)
     shutil.rmtree(temp_dir, ignore_errors=True)

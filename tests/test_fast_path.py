@@ -87,8 +87,8 @@ def test_training_with_device_augmentation_and_the_switches(tiny_config):
 def test_benchmark_runs_and_writes_its_keys(ray_address, tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([RUN[0], str(REPO / "study" / "bench.py"), "--device", "cpu",
-                          "--images", "32", "--batch-size", "16", "--out", str(out),
-                          "--address", ray_address],
+                          "--images", "32", "--batch-size", "16", "--trials", "2",
+                          "--out", str(out), "--address", ray_address],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     bench = json.loads(out.read_text())
@@ -96,6 +96,9 @@ def test_benchmark_runs_and_writes_its_keys(ray_address, tmp_path):
                 "trial_overhead_s", "augment_images_per_s", "device"):
         assert key in bench
     assert set(bench["trial_overhead_s"]) == {"torch_trainer", "local"}
+    # Both trials of each path were timed, and each took longer than its epoch's training.
+    assert [len(each) for each in bench["trial_overhead_each_s"].values()] == [2, 2]
+    assert all(v > 0 for each in bench["trial_overhead_each_s"].values() for v in each)
     assert {"albumentations_1_process", "device"} <= set(bench["augment_images_per_s"])
     assert all(v > 0 for v in bench["augment_images_per_s"].values())
     assert "Ray / direct" in run.stdout
