@@ -26,7 +26,7 @@ def _bounded(default: Any, lo: float | None = None, hi: float | None = None,
 
 
 MODEL_NAMES = ("resnet18", "resnet18_era")
-AUGMENT_ON = ("cpu", "gpu")
+AUGMENT_ON = ("auto", "cpu", "gpu")
 SCHEDULERS = ("fifo", "asha")
 
 
@@ -38,7 +38,7 @@ class DataConfig:
     limit_train: int = _bounded(0, lo=0)
     limit_test: int = _bounded(0, lo=0)
     num_workers: int | None = _bounded(None, lo=0)
-    augment_on: str = _bounded("cpu", choices=AUGMENT_ON)
+    augment_on: str = _bounded("auto", choices=AUGMENT_ON)
     pad: int = _bounded(4, lo=0, hi=16)
     cutout: int = _bounded(8, lo=0, hi=32)
 

@@ -24,6 +24,13 @@ class Runtime:
             return configured
         return max(1, self.cpus - 1) if self.device.type == "cuda" else 0
 
+    def augments_on_device(self, configured: str) -> bool:
+        """Whether training batches are augmented on the device (`data.augment_on`): as
+        configured, or by default (`auto`) on a GPU only. A GPU wants 20,000+ images/s and one
+        albumentations process gives ~3,000-4,600 here, while on a CPU the DataLoader path
+        already runs 35-90x faster than the model."""
+        return configured == "gpu" or (configured == "auto" and self.device.type == "cuda")
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -54,5 +61,8 @@ def select_runtime(device: torch.device | str | None = None) -> Runtime:
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        # Every batch has the same shape (32x32 images), so cuDNN's one-off search for the
+        # fastest convolution algorithms pays for itself in the first steps.
+        torch.backends.cudnn.benchmark = True
         return Runtime(device, torch.bfloat16, channels_last=True, cpus=cpus)
     return Runtime(device, None, channels_last=False, cpus=cpus)

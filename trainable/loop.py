@@ -90,9 +90,9 @@ def make_batches(images: ImageSet, config: Config, runtime: Runtime,
                  train: bool) -> torch.utils.data.DataLoader | DeviceBatches:
     """Training batches (shuffled, augmented) or evaluation batches (in order, normalised):
     from DataLoader processes running albumentations, or made on the device
-    (`data.augment_on: gpu`)."""
+    (`data.augment_on`, see `Runtime.augments_on_device`)."""
     cfg = config.data
-    if cfg.augment_on == "gpu":
+    if runtime.augments_on_device(cfg.augment_on):
         return DeviceBatches(images, cfg, config.train.batch_size, runtime.device, train)
     transform = train_transform(cfg) if train else eval_transform()
     return make_loader(images, transform, config.train.batch_size,
@@ -141,7 +141,7 @@ def _is_chief() -> bool:
 
 
 def _any_worker(flag: bool, device: torch.device) -> bool:
-    """True on every worker when `flag` is true on any: all must stop at the same step."""
+    """True on every worker when `flag` is true on any: all must stop in the same epoch."""
     if not dist.is_initialized():
         return flag
     tensor = torch.tensor(float(flag), device=device)
@@ -271,8 +271,6 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             with runtime.autocast():
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels, label_smoothing=t.label_smoothing)
-            if _any_worker(not math.isfinite(loss.item()), runtime.device):
-                return diverge(epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -281,13 +279,18 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
+        # Checked once an epoch, not per step: reading the loss every step would make the host
+        # wait for the GPU every step. A non-finite step loss leaves the sum non-finite.
+        train_loss = loss_sum.item() / seen
         train_seconds = time.perf_counter() - started
+        if _any_worker(not math.isfinite(train_loss), runtime.device):
+            return diverge(epoch)
         val = evaluate(module, val_loader, runtime, flip_tta=t.eval_flip_tta)
         if not math.isfinite(val["loss"]):  # the weights overflowed in the last steps
             return diverge(epoch)
         metrics = {
             "epoch": epoch,
-            "train_loss": loss_sum.item() / seen,
+            "train_loss": train_loss,
             "train_acc": correct.item() / seen,
             "val_loss": val["loss"],
             "val_acc": val["acc"],
