@@ -1,10 +1,11 @@
 """Measure what a study's speed is made of, on this machine, side by side in one run.
 
     python study/bench.py [--device cpu|cuda] [--out bench.json] [--images N] [--batch-size B]
-                          [--trials T]
+                          [--repeats R] [--trials T]
 
 - training images/s (steady state: the last of --epochs epochs) of the plain loop called
-  directly vs the same loop in a Ray Train TorchTrainer with one worker given the same CPUs;
+  directly (no Ray running), beside an idle Ray, and in a Ray Train TorchTrainer with one
+  worker given the same CPUs: --repeats interleaved rounds, the median of each;
 - a Tune trial's fixed overhead, per path (TorchTrainer, --local): the wall time of a 1-epoch
   trial less that epoch's training time, over --trials trials run one after another as a study
   runs them (the median; and the Tuner's wall time less all training, per trial);
@@ -35,7 +36,7 @@ from ray import tune
 from study.trial import DRIVER_CPU, RAY_ENV, Resources, make_trainable, train_worker
 from trainable.config import Config, load_config, to_dict
 from trainable.data import ImageSet, Splits, load_splits, make_loader, train_transform
-from trainable.device import select_runtime
+from trainable.device import Runtime, select_runtime
 from trainable.device_data import DeviceBatches
 from trainable.loop import train
 from trainable.synthetic import write_dataset
@@ -53,13 +54,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=512, help="training images per epoch")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2, help="the last one is measured")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved rounds of the throughput runs (the median is kept)")
     p.add_argument("--trials", type=int, default=3,
                    help="1-epoch trials per path for the per-trial overhead (median)")
     p.add_argument("--address", help="a running Ray cluster to use")
     args = p.parse_args(argv)
-    if args.images < 1 or args.batch_size < 1 or args.epochs < 2 or args.trials < 1:
-        p.exit(2, "error: need --images >= 1, --batch-size >= 1, --epochs >= 2 and "
-               "--trials >= 1\n")
+    if min(args.images, args.batch_size, args.repeats, args.trials) < 1 or args.epochs < 2:
+        p.exit(2, "error: need --images, --batch-size, --repeats and --trials >= 1, and "
+               "--epochs >= 2\n")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "error: --device cuda: no CUDA device here\n")
     if args.out.exists():
@@ -80,13 +83,13 @@ def direct_images_per_s(config: Config, splits: Splits) -> float:
 
 
 def ray_images_per_s(config: Config, splits_ref: ray.ObjectRef, cpus: int, use_gpu: bool,
-                     storage: str) -> float:
+                     storage: Path) -> float:
     """The same loop as one TorchTrainer worker holding the CPUs the direct run had."""
     trainer = ray.train.torch.TorchTrainer(
         train_worker, train_loop_config={"config": to_dict(config), "splits_ref": splits_ref},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus}),
-        run_config=ray.train.RunConfig(name="bench-throughput", storage_path=storage))
+        run_config=ray.train.RunConfig(name=storage.name, storage_path=str(storage.parent)))
     result = trainer.fit()
     return float(result.metrics["images_per_s"])
 
@@ -177,6 +180,34 @@ def cuda_epoch_s(data_dir: str) -> dict[str, float]:
     return seconds
 
 
+def throughput_runs(config: Config, splits: Splits, args: argparse.Namespace,
+                    runtime: Runtime, storage: Path) -> dict[str, list[float]]:
+    """Training images/s of `--repeats` rounds, each: the direct loop with no Ray running,
+    then (Ray started) the direct loop beside the idle Ray and the loop in a one-worker
+    TorchTrainer holding the same CPUs. Rounds interleave, so that a slow spell of the
+    machine falls on every path alike."""
+    runs: dict[str, list[float]] = {"direct": [], "direct_ray_idle": [], "ray": []}
+    for round_index in range(args.repeats):
+        runs["direct"].append(direct_images_per_s(config, splits))
+        start_ray(args)
+        try:
+            splits_ref = ray.put(splits)
+            # Splits the Ray path's cost into what the idle cluster takes from the CPUs and
+            # what Train itself adds.
+            runs["direct_ray_idle"].append(direct_images_per_s(config, splits))
+            cpus = min(int(ray.cluster_resources().get("CPU", 1)), runtime.cpus)
+            runs["ray"].append(ray_images_per_s(
+                config, splits_ref, cpus, args.device == "cuda",
+                storage / f"throughput-{round_index}"))
+        finally:
+            ray.shutdown()
+    return runs
+
+
+def start_ray(args: argparse.Namespace) -> None:
+    ray.init(address=args.address, log_to_driver=False, runtime_env={"env_vars": RAY_ENV})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="onecycle-bench-") as scratch:
@@ -188,19 +219,19 @@ def main(argv: list[str] | None = None) -> int:
         runtime = select_runtime(args.device)
         use_gpu = args.device == "cuda"
         out: dict[str, Any] = {"device": str(runtime.device), "cpus": runtime.cpus,
-                               "images": args.images, "batch_size": args.batch_size}
-        out["direct_images_per_s"] = direct_images_per_s(config, splits)
+                               "images": args.images, "batch_size": args.batch_size,
+                               "repeats": args.repeats}
+        runs = throughput_runs(config, splits, args, runtime, scratch_dir)
+        for path, rates in runs.items():
+            out[f"{path}_images_per_s"] = statistics.median(rates)
+            out[f"{path}_images_per_s_each"] = rates
+        # Of the medians: one slow or fast round moves neither much.
+        out["ray_vs_direct_throughput_ratio"] = out["ray_images_per_s"] / \
+            out["direct_images_per_s"]
 
-        ray.init(address=args.address, log_to_driver=False,
-                 runtime_env={"env_vars": RAY_ENV})
+        start_ray(args)
         try:
             splits_ref = ray.put(splits)
-            # The same direct loop while Ray's daemons run: splits the Ray path's cost into
-            # what the idle cluster takes from the CPUs and what Train itself adds.
-            out["direct_ray_idle_images_per_s"] = direct_images_per_s(config, splits)
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            out["ray_images_per_s"] = ray_images_per_s(config, splits_ref, min(cpus,
-                                                       runtime.cpus), use_gpu, scratch)
             overheads = {path: trial_overhead_s(config, splits_ref, path == "local", use_gpu,
                                                 scratch_dir, args.trials)
                          for path in ("torch_trainer", "local")}
@@ -210,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         out["trial_overhead_each_s"] = {k: v["each"] for k, v in overheads.items()}
         out["tuner_overhead_per_trial_s"] = {k: v["tuner_per_trial"]
                                              for k, v in overheads.items()}
-        out["ray_vs_direct_throughput_ratio"] = out["ray_images_per_s"] / \
-            out["direct_images_per_s"]
         workers = max(1, runtime.loader_workers(config.data.num_workers))
         out["augment_images_per_s"] = augment_images_per_s(config, splits.train, workers,
                                                            runtime.device)
@@ -225,12 +254,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(out: dict[str, Any]) -> None:
+    def rate(path: str) -> str:
+        each = ", ".join(f"{v:.1f}" for v in out[f"{path}_images_per_s_each"])
+        return f"{out[f'{path}_images_per_s']:.1f}; {each}"
+
     rows = [("device", out["device"]),
-            ("direct loop, images/s", f"{out['direct_images_per_s']:.1f}"),
-            ("direct loop beside an idle Ray, images/s",
-             f"{out['direct_ray_idle_images_per_s']:.1f}"),
-            ("Ray Train (1 worker), images/s", f"{out['ray_images_per_s']:.1f}"),
-            ("Ray / direct", f"{out['ray_vs_direct_throughput_ratio']:.3f}")]
+            ("direct loop, images/s (median; each)", rate("direct")),
+            ("direct loop beside an idle Ray, images/s", rate("direct_ray_idle")),
+            ("Ray Train (1 worker), images/s", rate("ray")),
+            ("Ray / direct (of the medians)", f"{out['ray_vs_direct_throughput_ratio']:.3f}")]
     rows += [(f"trial overhead, {k}, s (median; each)", f"{v:.1f}; " + ", ".join(
         f"{each:.1f}" for each in out["trial_overhead_each_s"][k]))
         for k, v in out["trial_overhead_s"].items()]

@@ -3,7 +3,9 @@ fast-path switches, and the benchmark. On a CPU-only machine the device is the C
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import statistics
 import subprocess
 
 import numpy as np
@@ -13,8 +15,9 @@ import torch
 from trainable.config import DataConfig
 from trainable.constants import MEAN_UINT8
 from trainable.data import ImageSet, eval_transform, load_splits, to_uint8_images
+from trainable.device import select_runtime
 from trainable.device_data import DeviceBatches
-from trainable.loop import COMPLETED, train
+from trainable.loop import COMPLETED, make_batches, train
 
 from .conftest import REPO, RUN
 from .test_data import coordinate_image, explain
@@ -75,6 +78,17 @@ def test_device_batches_shuffle_by_seed_and_cover_every_image():
     assert torch.equal(first, again) and sorted(first.tolist()) == list(range(10))
 
 
+def test_augmentation_goes_on_the_device_by_default_only_on_a_gpu(tiny_config):
+    cpu = select_runtime("cpu")
+    gpu = dataclasses.replace(cpu, device=torch.device("cuda", 0))  # no GPU is touched
+    assert tiny_config.data.augment_on == "auto"
+    assert [cpu.augments_on_device(v) for v in ("auto", "cpu", "gpu")] == [False, False, True]
+    assert [gpu.augments_on_device(v) for v in ("auto", "cpu", "gpu")] == [True, False, True]
+    splits = load_splits(tiny_config.data)
+    assert isinstance(make_batches(splits.train, tiny_config, cpu, train=True),
+                      torch.utils.data.DataLoader)
+
+
 def test_training_with_device_augmentation_and_the_switches(tiny_config):
     config = tiny_config.replace("data", augment_on="gpu").replace(
         "train", epochs=2, label_smoothing=0.1, eval_flip_tta=True)
@@ -87,17 +101,22 @@ def test_training_with_device_augmentation_and_the_switches(tiny_config):
 def test_benchmark_runs_and_writes_its_keys(ray_address, tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([RUN[0], str(REPO / "study" / "bench.py"), "--device", "cpu",
-                          "--images", "32", "--batch-size", "16", "--trials", "2",
-                          "--out", str(out), "--address", ray_address],
+                          "--images", "32", "--batch-size", "16", "--trials", "1",
+                          "--repeats", "2", "--out", str(out), "--address", ray_address],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     bench = json.loads(out.read_text())
     for key in ("direct_images_per_s", "ray_images_per_s", "ray_vs_direct_throughput_ratio",
                 "trial_overhead_s", "augment_images_per_s", "device"):
         assert key in bench
+    # Two interleaved throughput rounds, each path measured in both; the medians reported.
+    for path in ("direct", "direct_ray_idle", "ray"):
+        each = bench[f"{path}_images_per_s_each"]
+        assert len(each) == 2 and all(v > 0 for v in each)
+        assert bench[f"{path}_images_per_s"] == statistics.median(each)
     assert set(bench["trial_overhead_s"]) == {"torch_trainer", "local"}
-    # Both trials of each path were timed, and each took longer than its epoch's training.
-    assert [len(each) for each in bench["trial_overhead_each_s"].values()] == [2, 2]
+    # The trial of each path was timed, and took longer than its epoch's training.
+    assert [len(each) for each in bench["trial_overhead_each_s"].values()] == [1, 1]
     assert all(v > 0 for each in bench["trial_overhead_each_s"].values() for v in each)
     assert {"albumentations_1_process", "device"} <= set(bench["augment_images_per_s"])
     assert all(v > 0 for v in bench["augment_images_per_s"].values())
