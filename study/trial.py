@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,20 +24,11 @@ METRIC, MODE = "val_acc", "max"  # what the study maximises, and which checkpoin
 SEARCHED = ("max_lr", "peak_epoch")  # TrainConfig fields the search sets per trial
 # CPUs the Tune trainable that drives a TorchTrainer holds; {"CPU": 0} is refused.
 DRIVER_CPU = 0.01
-# Ray settings every trial process gets (set where the study starts Ray, else passed in its
-# runtime environment); a value already in the user's environment wins.
-RAY_ENV = {key: os.environ.get(key, default) for key, default in {
-    # Ray Train's controller polls its workers every 2 s by default, and a trial waits for a
-    # poll to start, to report and to end: at 0.25 s a 4-epoch trial took 15.5 s instead of
-    # 24.7 s. Not 0.1 s, though it saved a 1-epoch trial another second: a trial then once
-    # ended in Tune before its last epoch's report reached Tune (Train had run both epochs).
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    # Train starts a preemption watcher actor per trial, polling for nodes being drained
-    # (spot instances). Here its process start took CPU from the trial: a 1-epoch trial's
-    # fixed overhead fell from ~12.8 s to ~11.3 s without it, and its epoch ran ~15% faster.
-    # Set it to 1 on a cluster of preemptible nodes.
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-}.items()}
+# Ray Train's controller polls its workers every 2 s by default, and a trial waits for a poll
+# to start, to report and to end: at 0.25 s a 4-epoch trial took 15.5 s instead of 24.7 s.
+# Not 0.1 s, though it saved a 1-epoch trial another second: a trial then once ended in Tune
+# before its last epoch's report reached Tune (Train had run both epochs; Tune saw one).
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 @dataclass(frozen=True)
