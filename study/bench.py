@@ -182,10 +182,10 @@ def cuda_epoch_s(data_dir: str) -> dict[str, float]:
 
 def throughput_runs(config: Config, splits: Splits, args: argparse.Namespace,
                     runtime: Runtime, storage: Path) -> dict[str, list[float]]:
-    """Training images/s of `--repeats` rounds, each: the direct loop with no Ray running,
-    then (Ray started) the direct loop beside the idle Ray and the loop in a one-worker
-    TorchTrainer holding the same CPUs. Rounds interleave, so that a slow spell of the
-    machine falls on every path alike."""
+    """Training images/s of `--repeats` rounds, each: the direct loop before this process
+    starts Ray (with --address the cluster runs throughout), then the direct loop beside the
+    idle Ray and the loop in a one-worker TorchTrainer holding the same CPUs. Rounds
+    interleave, so that a slow spell of the machine falls on every path alike."""
     runs: dict[str, list[float]] = {"direct": [], "direct_ray_idle": [], "ray": []}
     for round_index in range(args.repeats):
         runs["direct"].append(direct_images_per_s(config, splits))

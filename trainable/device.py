@@ -28,7 +28,7 @@ class Runtime:
         """Whether training batches are augmented on the device (`data.augment_on`): as
         configured, or by default (`auto`) on a GPU only. A GPU wants 20,000+ images/s and one
         albumentations process gives ~3,000-4,600 here, while on a CPU the DataLoader path
-        already runs 35-90x faster than the model."""
+        already runs 35-86x faster than the model."""
         return configured == "gpu" or (configured == "auto" and self.device.type == "cuda")
 
     def autocast(self) -> contextlib.AbstractContextManager:
