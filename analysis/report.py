@@ -6,7 +6,6 @@ complete, so a report that exists is never half-written."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -26,7 +25,7 @@ from study.results import Trial, best_trial, load_trials, trial_table
 from trainable.config import Config, from_dict
 from trainable.data import load_splits, to_uint8_images, train_transform
 from trainable.device import select_runtime
-from trainable.loop import load_checkpoint, make_optimizer, make_scheduler
+from trainable.loop import load_checkpoint, make_optimizer, make_scheduler, steps_per_epoch
 from trainable.model import build_model
 
 # Figure files and their one-line captions, in the order the page shows them.
@@ -152,11 +151,9 @@ def build_report(experiment_dir: Path, data_dir: str | None = None) -> Path:
     finder = json.loads((experiment_dir / LR_FINDER_JSON).read_text())
     figures.plot_lr_finder(finder["lrs"], finder["losses"], finder["suggested_lr"],
                            path["lr_finder"])
-    workers = int(study.get("workers_per_trial", 1))
-    per_worker = math.ceil(len(splits.train.labels) / workers)
-    steps_per_epoch = math.ceil(per_worker / config.train.batch_size)
-    figures.plot_lr_schedule(_lr_per_step(config, steps_per_epoch), steps_per_epoch,
-                             config.train.peak_epoch, path["lr_schedule"])
+    steps = steps_per_epoch(config, len(splits.train.labels))  # for any number of workers
+    figures.plot_lr_schedule(_lr_per_step(config, steps), steps, config.train.peak_epoch,
+                             path["lr_schedule"])
     history = _history(trial, state)
     figures.plot_curves(history, val_name, path["curves"])
 

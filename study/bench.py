@@ -12,8 +12,16 @@
 - augmentation images/s: albumentations in this process, in the DataLoader processes a trial
   gets, and batched on the device (data.augment_on: gpu), each against the model's rate;
 - on CUDA, seconds per epoch of the default recipe with (a) the CPU albumentations loader,
-  (b) the on-device augmentation, (c) (b) plus torch.compile; bf16 and channels_last in all.
+  (b) the on-device augmentation, (c) (b) plus torch.compile; bf16 and channels_last in all;
+- the wall time of a 2-trial x 2-epoch study (`python study/run.py`, TorchTrainer path, the
+  default recipe on --images images at --batch-size) at each of --study-gpus GPUs per trial
+  (default on CUDA: 1 and 0.5, where two trials share a GPU), with each trial's training
+  images/s and seconds per epoch.
 Prints a table and writes JSON. It measures; it asserts nothing.
+
+The GPU acceptance run, every GPU figure in one JSON (docs/performance.md):
+    python study/bench.py --device cuda --data-dir data/cifar10 --images 45000 \
+        --batch-size 512 --out gpu.json
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=3,
                    help="1-epoch trials per path for the per-trial overhead (median)")
     p.add_argument("--address", help="a running Ray cluster to use")
+    p.add_argument("--study-gpus", type=float, nargs="*",
+                   help="GPUs per trial of each timed 2-trial study (default: 1 0.5 on CUDA, "
+                        "none on CPU; 0 times one on CPU)")
     args = p.parse_args(argv)
+    if args.study_gpus is None:
+        args.study_gpus = [1.0, 0.5] if args.device == "cuda" else []
     if min(args.images, args.batch_size, args.repeats, args.trials) < 1 or args.epochs < 2:
         p.exit(2, "error: need --images, --batch-size, --repeats and --trials >= 1, and "
                "--epochs >= 2\n")
@@ -86,7 +100,8 @@ def ray_images_per_s(config: Config, splits_ref: ray.ObjectRef, cpus: int, use_g
                      storage: Path) -> float:
     """The same loop as one TorchTrainer worker holding the CPUs the direct run had."""
     trainer = ray.train.torch.TorchTrainer(
-        train_worker, train_loop_config={"config": to_dict(config), "splits_ref": splits_ref},
+        train_worker, train_loop_config={"config": to_dict(config), "splits_ref": splits_ref,
+                                         "hold": None},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus}),
         run_config=ray.train.RunConfig(name=storage.name, storage_path=str(storage.parent)))
@@ -204,6 +219,31 @@ def throughput_runs(config: Config, splits: Splits, args: argparse.Namespace,
     return runs
 
 
+def study_run(args: argparse.Namespace, data_dir: str, gpus: float,
+              storage: Path) -> dict[str, Any]:
+    """A 2-trial x 2-epoch study as a user runs it: its wall time, and per trial the last
+    epoch's training images/s and seconds."""
+    name = f"study-{gpus:g}-gpus"
+    command = [sys.executable, str(REPO / "study" / "run.py"), "--data-dir", data_dir,
+               "--num-samples", "2", "--set", "train.epochs=2", "--set",
+               f"data.limit_train={args.images}", "--set", f"train.batch_size={args.batch_size}",
+               "--set", "search.max_concurrent=2", "--gpus-per-trial", f"{gpus:g}",
+               "--storage", str(storage), "--name", name, "--no-report"]
+    if not args.data_dir:  # the synthetic stand-in holds --images + 64 training images
+        command += ["--set", "data.val_size=64", "--set", "data.limit_test=64"]
+    if args.address:
+        command += ["--address", args.address]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    trials = {}
+    for result in (storage / name).glob("trial_*/result.json"):
+        last = json.loads(result.read_text().splitlines()[-1])
+        trials[result.parent.name] = {"images_per_s": last["images_per_s"],
+                                      "epoch_s": last["epoch_s"]}
+    return {"wall_s": wall, "trials": trials}
+
+
 def start_ray(args: argparse.Namespace) -> None:
     ray.init(address=args.address, log_to_driver=False, runtime_env={"env_vars": RAY_ENV})
 
@@ -248,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                                          for k, v in out["augment_images_per_s"].items()}
         if use_gpu:
             out["epoch_s"] = cuda_epoch_s(data_dir)
+        out["study"] = {f"{gpus:g}_gpus_per_trial": study_run(args, data_dir, gpus, scratch_dir)
+                        for gpus in args.study_gpus}
     args.out.write_text(json.dumps(out, indent=2))
     print_table(out)
     return 0
@@ -271,6 +313,8 @@ def print_table(out: dict[str, Any]) -> None:
     rows += [(f"augment {k}, images/s", f"{v:.0f} ({out['augment_vs_model_ratio'][k]:.1f}x "
               "the model)") for k, v in out["augment_images_per_s"].items()]
     rows += [(f"epoch {k}, s", f"{v:.2f}") for k, v in out.get("epoch_s", {}).items()]
+    rows += [(f"2-trial x 2-epoch study, {k}, wall s", f"{v['wall_s']:.1f}")
+             for k, v in out["study"].items()]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -29,6 +29,7 @@ from typing import Any
 
 import optuna
 import ray
+import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -48,6 +49,7 @@ from study.trial import (
 )
 from trainable.config import Config, ConfigError, from_dict, load_config, to_dict
 from trainable.data import DataError, Splits, load_splits
+from trainable.loop import steps_per_epoch
 from trainable.lr_range import range_test
 from trainable.model import build_model
 
@@ -88,7 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--local", action="store_true",
                    help="run each trial's loop in its Tune trainable: one process, no "
                         "TorchTrainer (what the tests use)")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP)")
+    p.add_argument("--workers-per-trial", type=int,
+                   help="Ray Train workers (DDP) per trial, default 1; train.batch_size is the "
+                        "global batch, each worker takes batch_size / workers")
     p.add_argument("--cpus-per-worker", type=float,
                    help="default: 1 less the trial driver's 0.01, so that a trial holds "
                         "whole CPUs and N CPUs fit N one-worker trials")
@@ -112,16 +116,21 @@ class Plan:
     resume: bool
 
 
+def workers_per_trial(args: argparse.Namespace) -> int:
+    return 1 if args.workers_per_trial is None else args.workers_per_trial
+
+
 def resolve(args: argparse.Namespace) -> Plan:
     """The config and the experiment directory, all checked; nothing written."""
-    if args.workers_per_trial < 1:
-        raise BadInput(f"--workers-per-trial={args.workers_per_trial}: must be at least 1")
+    if args.local and args.workers_per_trial is not None:
+        raise BadInput("--local runs each trial in one process: drop --workers-per-trial")
+    workers = workers_per_trial(args)
+    if workers < 1:
+        raise BadInput(f"--workers-per-trial={workers}: must be at least 1")
     if args.cpus_per_worker is not None and not 0 < args.cpus_per_worker < math.inf:
         raise BadInput(f"--cpus-per-worker={args.cpus_per_worker}: must be positive")
     if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial < math.inf:
         raise BadInput(f"--gpus-per-trial={args.gpus_per_trial}: must be 0 or more")
-    if args.local and args.workers_per_trial != 1:
-        raise BadInput("--local runs one worker per trial: drop --workers-per-trial")
     if args.resume and args.overwrite:
         raise BadInput("--resume and --overwrite exclude each other")
     if args.resume and not args.name:
@@ -157,6 +166,9 @@ def resolve(args: argparse.Namespace) -> Plan:
                            "epochs to search the peak epoch")
         # Absolute, so that trials on other processes and the report find the data.
         config = config.replace("data", dir=str(Path(config.data.dir).resolve()))
+    if config.train.batch_size % workers:
+        raise BadInput(f"train.batch_size={config.train.batch_size} (the global batch) does not "
+                       f"split evenly over --workers-per-trial={workers}")
     check_storage(experiment_dir, config)
     return Plan(config, experiment_dir, args.resume)
 
@@ -244,12 +256,21 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(partial_path, path)
 
 
+def this_machine() -> dict[str, float]:
+    """The resources the Ray this study starts will have (it is told them), known before it
+    starts, so that a trial too big for them is refused first."""
+    return {"CPU": float(len(os.sched_getaffinity(0))),
+            "GPU": float(torch.cuda.device_count())}
+
+
 def start_ray(args: argparse.Namespace):
     if args.address:
         return ray.init(address=args.address, runtime_env={"env_vars": RAY_ENV},
                         log_to_driver=False)
     os.environ.update(RAY_ENV)
-    return ray.init(include_dashboard=True, dashboard_host=args.dashboard_host,
+    machine = this_machine()
+    return ray.init(num_cpus=int(machine["CPU"]), num_gpus=int(machine["GPU"]),
+                    include_dashboard=True, dashboard_host=args.dashboard_host,
                     log_to_driver=False)
 
 
@@ -262,18 +283,19 @@ def trial_resources(args: argparse.Namespace, cluster: dict[str, float]) -> Reso
     if gpus > cluster.get("GPU", 0):
         raise BadInput(f"--gpus-per-trial={gpus}: the cluster has only {cluster['GPU']:g} "
                        "GPUs; the trial would wait forever")
+    workers = workers_per_trial(args)
     if args.local:
         cpus = 1.0
     elif args.cpus_per_worker is None:
-        cpus = 1.0 - DRIVER_CPU / args.workers_per_trial
+        cpus = 1.0 - DRIVER_CPU / workers
     else:
         cpus = args.cpus_per_worker
-    resources = Resources(args.workers_per_trial, cpus, gpus / args.workers_per_trial,
-                          args.local)
+    resources = Resources(workers, cpus, gpus / workers, args.local)
     for kind, need in resources.per_trial().items():
         if need > cluster.get(kind, 0):
-            raise BadInput(f"one trial needs {need:g} {kind} but the cluster has "
-                           f"{cluster.get(kind, 0):g}; the trial would wait forever")
+            raise BadInput(f"one trial needs {need:g} {kind} ({resources.workers} workers) but "
+                           f"the cluster has {cluster.get(kind, 0):g}; the trial would wait "
+                           "forever")
     return resources
 
 
@@ -362,7 +384,10 @@ def make_tuner(plan: Plan, trainable, estimate: float, local: bool) -> tune.Tune
             metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
             num_samples=search.num_samples, max_concurrent_trials=search.max_concurrent,
             # A new trial in the last one's process: no Python and torch start per trial.
-            reuse_actors=True,
+            # Only with --local: a TorchTrainer trial that Tune stops leaves its Train run
+            # behind in the process, so that process cannot take the next trial (Tune would
+            # wait on it for ever); ending it ends the run's controller and workers too.
+            reuse_actors=local,
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=plan.experiment_dir.name, storage_path=str(plan.experiment_dir.parent),
@@ -437,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         plan = resolve(args)
+        if not args.address:
+            trial_resources(args, this_machine())  # a trial too big for it, before Ray starts
         splits = load_splits(plan.config.data)
+        steps_per_epoch(plan.config, len(splits.train.labels))
         return run(args, plan, splits)
     except (BadInput, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

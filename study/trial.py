@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,7 +15,7 @@ import ray
 import ray.train
 import ray.train.torch
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.train.v2.api.callback import UserCallback
 
 from study.layout import TRAIN_RUNS
 from trainable.config import Config, from_dict, to_dict
@@ -82,38 +84,110 @@ def local_trial(params: dict[str, Any], *, base: dict[str, Any], splits_ref: lis
         train(config, splits, _report_to(tune.report, tune.Checkpoint), resume_from=resume_from)
 
 
+@ray.remote(num_cpus=0)
+class EpochRelay:
+    """A TorchTrainer trial's line between its Ray Train run and Tune. Train's controller
+    `put`s each epoch's metrics; the Tune trial `take`s and reports them, and once Tune asks
+    for more it `allow`s the next epoch, which the workers `wait_to_start` when held. A trial
+    that Tune stops never asks: its workers start no other epoch before they are ended with
+    the trial (ASHA's savings are real)."""
+
+    def __init__(self):
+        self.metrics: asyncio.Queue = asyncio.Queue()
+        self.changed = asyncio.Condition()
+        self.allowed = 1  # the highest epoch the workers may start
+
+    async def put(self, metrics: dict[str, Any] | None) -> None:
+        await self.metrics.put(metrics)
+
+    async def take(self) -> dict[str, Any] | None:
+        return await self.metrics.get()
+
+    async def allow(self, epoch: int) -> None:
+        async with self.changed:
+            self.allowed = max(self.allowed, epoch)
+            self.changed.notify_all()
+
+    async def wait_to_start(self, epoch: int) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.allowed >= epoch)
+
+
+class RelayCallback(UserCallback):
+    """In Train's controller: each reported epoch (rank 0's metrics) to the trial's relay,
+    with the path of the checkpoint Train kept for it."""
+
+    def __init__(self, relay: ray.actor.ActorHandle):
+        self.relay = relay
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        reported = dict(metrics[0])
+        if checkpoint is not None:
+            reported["checkpoint_path"] = checkpoint.path
+        ray.get(self.relay.put.remote(reported))  # in order, before the run can end
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """A Ray Train worker: the loop, with DDP and a sharded loader from Train's helpers."""
+    """A Ray Train worker: the loop, with DDP from Train's helper. Given a relay (`hold`),
+    it starts an epoch only once Tune has asked for it."""
     config = from_dict(loop_config["config"])
     splits = ray.get(loop_config["splits_ref"])
+    relay = loop_config["hold"]
+    send = _report_to(ray.train.report, ray.train.Checkpoint)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        send(metrics, checkpoint_dir)
+        if relay is not None and not metrics["diverged"] and \
+                metrics["epoch"] < config.train.epochs:
+            ray.get(relay.wait_to_start.remote(metrics["epoch"] + 1))
+
     with _resume_dir(ray.train.get_checkpoint()) as resume_from:
-        train(config, splits, _report_to(ray.train.report, ray.train.Checkpoint),
-              resume_from=resume_from, runtime=select_runtime(ray.train.torch.get_device()),
-              prepare_model=partial(ray.train.torch.prepare_model, move_to_device=False),
-              prepare_loader=partial(ray.train.torch.prepare_data_loader, move_to_device=False))
+        train(config, splits, report, resume_from=resume_from,
+              runtime=select_runtime(ray.train.torch.get_device()),
+              prepare_model=partial(ray.train.torch.prepare_model, move_to_device=False))
 
 
 def torch_trial(params: dict[str, Any], *, base: dict[str, Any], splits_ref: list,
                 resources: Resources, train_storage: str) -> None:
-    """One trial as a Ray Train run; its reports reach Tune through TuneReportCallback.
-    Re-running it under the same run name resumes from the run's newest checkpoint."""
+    """One trial as a Ray Train run, whose epochs reach Tune through an `EpochRelay`.
+    Re-running it under the same run name resumes from the run's newest checkpoint.
+
+    Under ASHA the workers wait for Tune's word after each epoch (a poll of Train's
+    controller and a round trip to Tune); FIFO stops no trial early, so they do not wait."""
     config = trial_config(base, params)
     search = config.search
+    relay = EpochRelay.remote()
     trainer = ray.train.torch.TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(config), "splits_ref": splits_ref[0]},
+        train_loop_config={"config": to_dict(config), "splits_ref": splits_ref[0],
+                           "hold": relay if search.scheduler == "asha" else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=resources.gpus_per_worker > 0,
             resources_per_worker=resources.worker_bundle()),
         run_config=ray.train.RunConfig(
             name=f"train-{tune.get_context().get_trial_id()}", storage_path=train_storage,
-            callbacks=[TuneReportCallback()],
+            callbacks=[RelayCallback(relay)],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=search.num_to_keep, checkpoint_score_attribute=METRIC,
                 checkpoint_score_order=MODE),
             failure_config=ray.train.FailureConfig(max_failures=search.max_failures)),
     )
-    trainer.fit()
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - raised again in the trial below
+            failure.append(error)
+        finally:
+            relay.put.remote(None)  # the end, after every epoch's metrics
+
+    threading.Thread(target=fit, name="train-run", daemon=True).start()
+    while (metrics := ray.get(relay.take.remote())) is not None:
+        tune.report(metrics)  # returns when Tune asks for the next epoch; never if it stops
+        relay.allow.remote(metrics["epoch"] + 1)
+    if failure:
+        raise failure[0]
 
 
 def make_trainable(base: dict[str, Any], splits_ref: ray.ObjectRef, resources: Resources,

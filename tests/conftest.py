@@ -47,7 +47,7 @@ def tiny_config(synthetic_dir) -> Config:
     ])
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -58,11 +58,11 @@ def ray_address():
     """One Ray head for the session (a start costs 5-9 s), as `ray start --head` gives a user;
     studies join it with --address. Its own temp dir keeps it apart from any other Ray."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths
-    port = _free_port()
+    port = free_port()
     ray_bin = Path(sys.executable).with_name("ray")
     subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
                     "--num-gpus=0", f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={_free_port()}", "--disable-usage-stats"],
+                    f"--dashboard-port={free_port()}", "--disable-usage-stats"],
                    check=True, capture_output=True, timeout=120,
                    env={**os.environ, **RAY_ENV})
     yield f"127.0.0.1:{port}"

@@ -13,8 +13,16 @@ import optuna
 import pytest
 
 from analysis.__main__ import main as analysis_main
-from study.layout import LR_FINDER_JSON, LR_FINDER_PNG, RESULTS_CSV, STUDY_JSON, optuna_url
+from study.layout import (
+    LR_FINDER_JSON,
+    LR_FINDER_PNG,
+    RESULTS_CSV,
+    STUDY_JSON,
+    TRAIN_RUNS,
+    optuna_url,
+)
 from study.run import main as study_main
+from trainable.loop import load_checkpoint
 
 from .conftest import EPOCHS, REPO, RUN, reports, results, study, tiny
 
@@ -84,29 +92,45 @@ def test_a_diverging_trial_ends_diverged_and_the_study_goes_on(ray_address, synt
     assert not (tmp_path / "diverge" / "report").exists()
 
 
-def test_torch_trainer_path_and_dashboard(synthetic_dir, tmp_path):
-    """Not --local: every trial a TorchTrainer with one CPU worker, on a Ray this run starts,
-    whose dashboard must answer on 127.0.0.1 while the study runs; then the report."""
+def test_asha_on_the_torch_trainer_path_ends_and_its_stopped_trials_train_no_further(
+        ray_address, synthetic_dir, tmp_path):
+    """Not --local: 4 two-epoch trials, each a TorchTrainer with one CPU worker, under ASHA
+    (rung at epoch 1), on the session's Ray, whose dashboard must answer on 127.0.0.1 while the
+    study runs; then the report. A hang fails it at the deadline instead of stalling CI."""
     driver = subprocess.Popen(
-        [*RUN, *tiny(synthetic_dir, "--storage", str(tmp_path), "--name", "torch",
-                     "--num-samples", "2")],
+        [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--storage", str(tmp_path),
+                     "--name", "torch", "--num-samples", "4", "--scheduler", "asha",
+                     "--set", "search.grace_period=1", "--set", "data.val_size=48",
+                     # wide, so that trials differ at the rung and ASHA stops some
+                     "--set", "search.max_lr_range=[0.05, 20]")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    dashboard = None
-    for line in driver.stdout:
-        if line.startswith("Ray dashboard: http://"):
-            dashboard = line.split(": ", 1)[1].strip()
-            break
-    assert dashboard is not None and dashboard.startswith("http://127.0.0.1:")
-    with urllib.request.urlopen(f"{dashboard}/api/version", timeout=10) as response:
-        assert response.status == 200 and "ray_version" in json.loads(response.read())
-    rest = driver.stdout.read()
-    assert driver.wait(300) == 0, rest[-3000:]
-    table = results(tmp_path / "torch")
-    assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
+    try:
+        dashboard = None
+        for line in driver.stdout:
+            if line.startswith("Ray dashboard: http://"):
+                dashboard = line.split(": ", 1)[1].strip()
+                break
+        assert dashboard is not None and dashboard.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{dashboard}/api/version", timeout=10) as response:
+            assert response.status == 200 and "ray_version" in json.loads(response.read())
+        rest, _ = driver.communicate(timeout=420)
+        assert driver.returncode == 0, rest[-3000:]
+    finally:
+        driver.kill()
+    experiment = tmp_path / "torch"
+    table = results(experiment).set_index("trial_id")
+    assert len(table) == 4 and set(table["status"]) <= {"COMPLETED", "STOPPED", "DIVERGED"}
+    stopped = table[table["status"] == "STOPPED"]
+    assert len(stopped) >= 1 and (stopped["epochs_run"] < EPOCHS).all()
+    for trial_id, row in stopped.iterrows():
+        # The workers waited for Tune's word after each epoch: none began another.
+        run = experiment / TRAIN_RUNS / f"train-{trial_id}"
+        kept = [load_checkpoint(c)["epoch"] for c in run.glob("checkpoint_*") if c.is_dir()]
+        assert max(kept) == row["epochs_run"], (trial_id, kept)
     assert table["checkpoint"].str.contains("/train/train-").all()
-    assert json.loads((tmp_path / "torch" / STUDY_JSON).read_text())["path"] == "TorchTrainer"
-    assert f"report: {tmp_path / 'torch' / 'report' / 'index.html'}" in rest
-    summary = json.loads((tmp_path / "torch" / "report" / "summary.json").read_text())
+    assert json.loads((experiment / STUDY_JSON).read_text())["path"] == "TorchTrainer"
+    assert f"report: {experiment / 'report' / 'index.html'}" in rest
+    summary = json.loads((experiment / "report" / "summary.json").read_text())
     assert summary["best_trial"]["checkpoint"] in set(table["checkpoint"])
 
 
@@ -121,6 +145,14 @@ def test_torch_trainer_path_and_dashboard(synthetic_dir, tmp_path):
     (["--set", "search.max_lr_range=[3, 1]"], "search.max_lr_range=[3.0, 1.0] needs"),
     (["--set", "train.batch_size=0"], "train.batch_size: 0 is below the minimum 1"),
     (["--workers-per-trial", "0"], "--workers-per-trial=0: must be at least 1"),
+    (["--workers-per-trial", "3"], "train.batch_size=16 (the global batch) does not split "
+                                   "evenly over --workers-per-trial=3"),
+    (["--workers-per-trial", "3", "--dry-run"], "does not split evenly"),
+    (["--workers-per-trial", "16"], "one trial needs 16 CPU (16 workers) but the cluster has"),
+    (["--workers-per-trial", "1", "--local"],
+     "--local runs each trial in one process: drop --workers-per-trial"),
+    (["--set", "data.limit_train=15"], "15 training images make no full batch of "
+                                       "train.batch_size=16"),
     (["--scheduler", "pbt"], "search.scheduler: 'pbt' is not one of fifo, asha"),
     (["--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar: data directory does not exist"),
     (["--resume", "--name", "never-ran"], "no experiment to resume"),

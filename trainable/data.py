@@ -293,9 +293,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def make_loader(images: ImageSet, transform: A.Compose, batch_size: int, num_workers: int,
-                shuffle: bool) -> torch.utils.data.DataLoader:
+                shuffle: bool, rank: int = 0, world: int = 1) -> torch.utils.data.DataLoader:
+    """Batches of `images`: in order for evaluation; shuffled for training, where the last
+    partial batch is dropped (every step has one shape: torch.compile compiles once, and
+    BatchNorm never sees a batch of one) and worker `rank` of `world` takes its shard of each
+    epoch's order (DistributedSampler, dropping the remainder so every worker takes as many
+    steps as one worker would at `world` times this batch size)."""
+    dataset = CifarDataset(images, transform)
+    sampler = None
+    if shuffle and world > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                      shuffle=True, drop_last=True)
     return torch.utils.data.DataLoader(
-        CifarDataset(images, transform), batch_size=batch_size, shuffle=shuffle,
+        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None,
+        sampler=sampler, drop_last=shuffle,
         num_workers=num_workers, worker_init_fn=reseed_worker if num_workers else None,
         generator=torch.Generator(), pin_memory=torch.cuda.is_available(),
         persistent_workers=False,

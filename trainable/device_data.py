@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from trainable.config import DataConfig
 from trainable.constants import IMAGE_SIZE, MEAN, STD
@@ -20,12 +19,13 @@ from trainable.data import ImageSet
 
 
 class DeviceBatches:
-    """Batches of (images, labels) on `device`, like a DataLoader over the split: shuffled and
-    augmented for training, in order and only normalised for evaluation. Under
-    torch.distributed each rank takes its own shard of every epoch's order."""
+    """Batches of (images, labels) on `device`, like `trainable.data.make_loader`'s: in order
+    and only normalised for evaluation; shuffled and augmented for training, in full batches
+    only, each worker of a torch.distributed group taking its shard of every epoch's order,
+    so that `world` workers at `batch_size` take the steps of one worker at world x batch."""
 
     def __init__(self, images: ImageSet, cfg: DataConfig, batch_size: int,
-                 device: torch.device, train: bool):
+                 device: torch.device, train: bool, rank: int = 0, world: int = 1):
         self.images = torch.from_numpy(images.images).to(device).permute(0, 3, 1, 2)
         self.images = self.images.contiguous()  # (N, 3, 32, 32) uint8
         self.labels = torch.from_numpy(images.labels).to(device)
@@ -36,17 +36,15 @@ class DeviceBatches:
         self.generator = torch.Generator(device=device)
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) \
-            if train and dist.is_initialized() else (0, 1)
+        self.rank, self.world = rank, world
 
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
-    def _shard_size(self) -> int:
-        return math.ceil(len(self.labels) / self.world)
-
     def __len__(self) -> int:
-        return math.ceil(self._shard_size() / self.batch_size)
+        if self.train:
+            return len(self.labels) // (self.batch_size * self.world)
+        return math.ceil(len(self.labels) / self.batch_size)
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
         return (batch.float() - self.mean) / self.std
@@ -80,9 +78,7 @@ class DeviceBatches:
         count = len(self.labels)
         if self.train:
             order = torch.randperm(count, device=self.device, generator=self.generator)
-            # Pad the order to a multiple of the world size, as DistributedSampler does.
-            order = torch.cat([order, order[: self._shard_size() * self.world - count]])
-            order = order[self.rank::self.world]
+            order = order[: len(self) * self.batch_size * self.world][self.rank::self.world]
         else:
             order = torch.arange(count, device=self.device)
         for start in range(0, len(order), self.batch_size):

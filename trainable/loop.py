@@ -27,6 +27,7 @@ from tqdm import tqdm
 from trainable.config import Config, to_dict
 from trainable.constants import CHECKPOINT_FILE
 from trainable.data import (
+    DataError,
     ImageSet,
     Splits,
     epoch_seed,
@@ -86,17 +87,47 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: Config,
     )
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This worker's rank and the number of workers (0 and 1 outside torch.distributed)."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def steps_per_epoch(config: Config, train_images: int) -> int:
+    """Optimizer steps in one epoch at the global batch `train.batch_size`, for any number of
+    workers: full batches only (the loaders drop the last partial one)."""
+    steps = train_images // config.train.batch_size
+    if steps == 0:
+        raise DataError(f"{train_images} training images make no full batch of "
+                        f"train.batch_size={config.train.batch_size}: lower the batch size "
+                        "or train on more images")
+    return steps
+
+
 def make_batches(images: ImageSet, config: Config, runtime: Runtime,
                  train: bool) -> torch.utils.data.DataLoader | DeviceBatches:
-    """Training batches (shuffled, augmented) or evaluation batches (in order, normalised):
-    from DataLoader processes running albumentations, or made on the device
-    (`data.augment_on`, see `Runtime.augments_on_device`)."""
+    """Training batches (shuffled, augmented; this worker's shard, at its share of the global
+    batch) or evaluation batches (in order, normalised): from DataLoader processes running
+    albumentations, or made on the device (`data.augment_on`, see
+    `Runtime.augments_on_device`)."""
     cfg = config.data
+    rank, world = rank_and_world() if train else (0, 1)
+    if config.train.batch_size % world:
+        raise ValueError(f"train.batch_size={config.train.batch_size} does not split evenly "
+                         f"over {world} workers")
+    batch_size = config.train.batch_size // world
     if runtime.augments_on_device(cfg.augment_on):
-        return DeviceBatches(images, cfg, config.train.batch_size, runtime.device, train)
+        return DeviceBatches(images, cfg, batch_size, runtime.device, train, rank, world)
     transform = train_transform(cfg) if train else eval_transform()
-    return make_loader(images, transform, config.train.batch_size,
-                       runtime.loader_workers(cfg.num_workers), shuffle=train)
+    return make_loader(images, transform, batch_size, runtime.loader_workers(cfg.num_workers),
+                       shuffle=train, rank=rank, world=world)
+
+
+def shard(images: ImageSet, rank: int, world: int) -> ImageSet:
+    """Every `world`-th image from `rank` on: the workers' shards cover the set once."""
+    return ImageSet(images.images[rank::world], images.labels[rank::world],
+                    images.indices[rank::world])
 
 
 @torch.no_grad()
@@ -119,9 +150,16 @@ def predict(model: nn.Module, loader, runtime: Runtime,
 
 def evaluate(model: nn.Module, loader, runtime: Runtime,
              flip_tta: bool = False) -> dict[str, float]:
+    """Mean loss and accuracy. Under torch.distributed each worker passes its own shard and
+    every worker gets the figures of the whole set (the sums are all-reduced)."""
     logits, labels = predict(model, loader, runtime, flip_tta)
-    return {"loss": F.cross_entropy(logits, labels).item(),
-            "acc": (logits.argmax(1) == labels).float().mean().item()}
+    totals = torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
+                           (logits.argmax(1) == labels).sum().item(), len(labels)],
+                          dtype=torch.float64, device=runtime.device)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    return {"loss": loss_sum / count, "acc": correct / count}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -134,10 +172,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     keys, *rest = state["numpy"]
     np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), *rest))
-
-
-def _is_chief() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _any_worker(flag: bool, device: torch.device) -> bool:
@@ -210,25 +244,26 @@ def readable_checkpoint(resume_from: str | Path, config: Config,
 
 def train(config: Config, splits: Splits, report: Report | None = None, *,
           resume_from: str | Path | None = None, runtime: Runtime | None = None,
-          progress: bool = False, prepare_model: Wrap | None = None,
-          prepare_loader: Wrap | None = None) -> Outcome:
+          progress: bool = False, prepare_model: Wrap | None = None) -> Outcome:
     """Train `config.model.name` on `splits.train` for `config.train.epochs` epochs,
     validating on `splits.val` after each; continue from `resume_from` (a checkpoint directory
     written by this function) when given. A non-finite loss ends the run as DIVERGED.
 
-    Data-parallel callers pass `prepare_model` (e.g. a DDP wrapper) and `prepare_loader` (e.g.
-    one adding a DistributedSampler); each worker then validates on the whole val set, reports
-    its own shard's training metrics, and only rank 0 writes checkpoints."""
+    Under torch.distributed (callers pass `prepare_model`, e.g. a DDP wrapper), each worker
+    trains on its shard at `train.batch_size / workers` images a step, validates its shard of
+    the val set (the figures reported are the whole set's), reports its own shard's training
+    metrics, and only rank 0 writes checkpoints. BatchNorm statistics stay per worker
+    (no SyncBatchNorm); rank 0's are the ones validated and saved."""
     runtime = runtime or select_runtime()
     t = config.train
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
+    rank, world = rank_and_world()
+    steps_per_epoch(config, len(splits.train.labels))  # at least one step, or a clear error
     module = runtime.prepare(build_model(config.model.name, len(splits.classes)))
     train_loader = make_batches(splits.train, config, runtime, train=True)
-    if prepare_loader is not None and isinstance(train_loader, torch.utils.data.DataLoader):
-        train_loader = prepare_loader(train_loader)  # DeviceBatches shard themselves
-    val_loader = make_batches(splits.val, config, runtime, train=False)
+    val_loader = make_batches(shard(splits.val, rank, world), config, runtime, train=False)
     optimizer = make_optimizer(module, config)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
     history: list[dict[str, Any]] = []
@@ -285,6 +320,11 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
         train_seconds = time.perf_counter() - started
         if _any_worker(not math.isfinite(train_loss), runtime.device):
             return diverge(epoch)
+        if world > 1:
+            # DDP gives every worker rank 0's buffers before each forward, but each then
+            # updates them from its own batch: validate (and save) rank 0's, on every worker.
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
         val = evaluate(module, val_loader, runtime, flip_tta=t.eval_flip_tta)
         if not math.isfinite(val["loss"]):  # the weights overflowed in the last steps
             return diverge(epoch)
@@ -297,13 +337,15 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             "best_val_acc": max([val["acc"]] + [m["val_acc"] for m in history]),
             "lr": lr,  # of this epoch's last step: max_lr at the end of peak_epoch
             "epoch_s": train_seconds,  # seconds of training, without validation
-            "images_per_s": seen / train_seconds,
+            "images_per_s": world * seen / train_seconds,  # all workers' (equal shards)
+            "steps": len(train_loader),  # optimizer steps this epoch, for any number of workers
+            "workers": world,
             "diverged": False,
         }
         history.append(metrics)
         if report is None:
             continue
-        if not _is_chief():
+        if rank != 0:
             report(metrics, None)
             continue
         with tempfile.TemporaryDirectory(prefix="onecycle-ckpt-") as checkpoint_dir:
