@@ -225,7 +225,8 @@ def study_run(args: argparse.Namespace, data_dir: str, gpus: float,
     epoch's training images/s and seconds."""
     name = f"study-{gpus:g}-gpus"
     command = [sys.executable, str(REPO / "study" / "run.py"), "--data-dir", data_dir,
-               "--num-samples", "2", "--set", "train.epochs=2", "--set",
+               "--num-samples", "2", "--set", "train.epochs=2", "--set", "train.peak_epoch=1",
+               "--set",
                f"data.limit_train={args.images}", "--set", f"train.batch_size={args.batch_size}",
                "--set", "search.max_concurrent=2", "--gpus-per-trial", f"{gpus:g}",
                "--storage", str(storage), "--name", name, "--no-report"]

@@ -76,7 +76,7 @@ def test_a_run_reports_every_epoch_with_a_checkpoint(tiny_config, tmp_path):
     assert outcome.status == COMPLETED
     assert [m["epoch"] for m, _ in reports] == [1, 2, 3]
     keys = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "lr",
-            "epoch_s", "images_per_s", "diverged"}
+            "epoch_s", "images_per_s", "steps", "workers", "diverged"}
     for metrics, kept in reports:
         assert set(metrics) == keys
         assert all(math.isfinite(v) for v in metrics.values())
