@@ -314,6 +314,7 @@ def print_plan(plan: Plan, resources: Resources, at_once: int, estimate: float |
         "trials": config.search.num_samples,
         "resources_per_trial": resources.per_trial(),
         "workers_per_trial": resources.workers,
+        "batch_size_per_worker": config.train.batch_size // resources.workers,
         "path": "local (loop in the Tune trainable)" if resources.local else "TorchTrainer",
         "max_concurrent": config.search.max_concurrent,
         "trials_fitting_at_once": at_once,

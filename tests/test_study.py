@@ -215,11 +215,13 @@ def test_dry_run_prints_the_plan_and_trains_nothing(ray_address, synthetic_dir, 
                                                     capsys):
     code = study_main(tiny(synthetic_dir, "--address", ray_address, "--storage",
                            str(tmp_path), "--name", "plan", "--dry-run", "--num-samples", "5",
-                           "--cpus-per-worker", "0.5", "--set", "search.max_concurrent=8"))
+                           "--workers-per-trial", "2", "--cpus-per-worker", "0.25",
+                           "--set", "search.max_concurrent=8"))
     assert code == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["trials"] == 5 and plan["path"] == "TorchTrainer"
-    assert plan["resources_per_trial"] == {"CPU": 0.51}
+    assert plan["workers_per_trial"] == 2 and plan["batch_size_per_worker"] == 8
+    assert plan["resources_per_trial"] == {"CPU": 0.51}  # 2 workers x 0.25 + the driver
     assert plan["trials_fitting_at_once"] == 3  # 2 CPUs / 0.51
     assert plan["search_space"]["peak_epoch"]["range"] == [1, 2]
     assert not (tmp_path / "plan").exists()

@@ -19,7 +19,7 @@ import torch
 from trainable.config import ConfigError, load_config, to_dict
 from trainable.data import DataError, load_splits
 from trainable.device import select_runtime
-from trainable.loop import DIVERGED, evaluate, make_batches, train
+from trainable.loop import DIVERGED, evaluate, make_batches, steps_per_epoch, train
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{args.save.parent}: directory for --save does not exist")
         config = load_config(args.config, overrides)
         splits = load_splits(config.data)
+        steps_per_epoch(config, len(splits.train.labels))  # at least one full batch
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
