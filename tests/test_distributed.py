@@ -27,8 +27,9 @@ from .conftest import free_port
 
 
 def images(count: int) -> ImageSet:
+    """Random images, each labelled with its own number, so a batch tells which images it holds."""
     pixels = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), np.uint8)
-    return ImageSet(pixels, np.arange(count) % 10, np.arange(count))
+    return ImageSet(pixels, np.arange(count), np.arange(count))
 
 
 @pytest.mark.parametrize("count", [64, 100, 127, 301])
@@ -40,9 +41,13 @@ def test_two_workers_take_the_steps_of_one_at_the_same_global_batch(tiny_config,
     halves = [make_loader(images(count), train_transform(config.data), 16, 0, shuffle=True,
                           rank=rank, world=2) for rank in (0, 1)]
     assert len(one) == len(halves[0]) == len(halves[1]) == steps
+    taken = []
     for rank, half in enumerate(halves):
         half.sampler.set_epoch(0)
-        assert {len(labels) for _, labels in half} == {16}, f"rank {rank}: a partial batch"
+        batches = [labels for _, labels in half]
+        assert {len(labels) for labels in batches} == {16}, f"rank {rank}: a partial batch"
+        taken.append(set(torch.cat(batches).tolist()))
+    assert not taken[0] & taken[1] and len(taken[0] | taken[1]) == steps * 32
     device = torch.device("cpu")
     on_device = [DeviceBatches(images(count), config.data, 32 // world, device, True, rank,
                                world) for world in (1, 2) for rank in range(world)]
@@ -52,7 +57,8 @@ def test_two_workers_take_the_steps_of_one_at_the_same_global_batch(tiny_config,
         batches.seed(3)
         labels = [lbl for _, lbl in batches]
         assert {len(lbl) for lbl in labels} == {16}
-        seen.append(torch.cat(labels))
+        seen.append(set(torch.cat(labels).tolist()))
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == steps * 32
     # The same schedule for both: its length comes from the steps alone.
     model = build_model("resnet18")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -83,7 +83,8 @@ def test_two_workers_keep_the_recipe_and_resume_after_a_driver_kill(ray_address,
     assert steps == 8 and all(r["steps"] == steps for r in rows)
     finder = json.loads((experiment / LR_FINDER_JSON).read_text())
     assert finder["settings"]["batch_size"] == 32  # the LR estimate is for the global batch
-    # Only rank 0 wrote checkpoints: one file in each, one per epoch Train kept.
+    # Each kept checkpoint holds the one file rank 0 writes (that rank 1 writes none is
+    # tests/test_distributed.py's DDP test).
     kept = checkpoints(experiment)
     assert kept and all([p.name for p in c.iterdir()] == ["checkpoint.pt"] for c in kept)
 
