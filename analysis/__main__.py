@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 from analysis.report import ReportError, build_report
+from trainable.constants import EXIT_BAD_INPUT
 from trainable.data import DataError
-
-EXIT_BAD_INPUT = 2
 
 
 def main(argv: list[str] | None = None) -> int:

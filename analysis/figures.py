@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 
+from trainable.constants import TrialStatus  # noqa: E402
+
 DPI = 110
 BEST_COLOUR, OTHER_COLOUR = "tab:red", "tab:gray"
 
@@ -122,7 +124,7 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path) ->
 def plot_trials(histories: dict[str, pd.DataFrame], statuses: dict[str, str], best: str,
                 val_name: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
-    markers = {"STOPPED": "s", "DIVERGED": "X", "ERROR": "x"}
+    markers = {TrialStatus.STOPPED: "s", TrialStatus.DIVERGED: "X", TrialStatus.ERROR: "x"}
     for trial_id, history in histories.items():
         good = history[~history.get("diverged", pd.Series(False, index=history.index))
                        .astype(bool)]

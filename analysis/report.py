@@ -6,8 +6,7 @@ complete, so a report that exists is never half-written."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,14 @@ import torch
 from torch import nn
 
 from analysis import figures
-from analysis.explain import evaluate_test, gradcam_maps, misclassified
+from analysis.experiment import LR_FINDER_JSON, REPORT_DIR, STUDY_JSON, optuna_url, written_whole
+from analysis.explain import TestEvaluation, evaluate_test, gradcam_maps, misclassified
 from analysis.html import write_index
-from study.layout import LR_FINDER_JSON, REPORT_DIR, STUDY_JSON, optuna_url
-from study.results import Trial, best_trial, load_trials, trial_table
+from analysis.results import Trial, best_trial, load_trials, trial_table
 from trainable.config import Config, from_dict
-from trainable.data import load_splits, to_uint8_images, train_transform
-from trainable.device import select_runtime
+from trainable.constants import CHECKPOINT_FILE
+from trainable.data import Splits, load_splits, to_uint8_images, train_transform
+from trainable.device import Runtime, select_runtime
 from trainable.loop import load_checkpoint, make_optimizer, make_scheduler, steps_per_epoch
 from trainable.model import build_model
 
@@ -106,9 +106,29 @@ def _importances(experiment_dir: Path, name: str) -> dict[str, float] | str:
         return f"Optuna could not rank the parameters ({err})"
 
 
-def build_report(experiment_dir: Path, data_dir: str | None = None) -> Path:
-    """Write `<experiment>/report/`; return it."""
-    experiment_dir = experiment_dir.resolve()
+@dataclass(frozen=True)
+class Study:
+    """A study as the report sees it: every trial, and its best one loaded and tested."""
+
+    experiment_dir: Path
+    trials: list[Trial]
+    table: pd.DataFrame  # results.csv's rows
+    best: Trial
+    best_row: pd.Series
+    state: dict[str, Any]  # the best trial's best checkpoint
+    config: Config  # the best trial's, with the data folder given to the report
+    splits: Splits
+    model: nn.Module
+    runtime: Runtime
+    evaluation: TestEvaluation  # the best model on the test set, once
+    lr_finder: dict[str, Any]  # the range test's results
+
+    @property
+    def val_name(self) -> str:
+        return "test (selection set)" if self.splits.val_is_test else "validation"
+
+
+def _load_study(experiment_dir: Path, data_dir: str | None) -> Study:
     study = _check_experiment(experiment_dir)
     base = from_dict(study["config"])
     trials = load_trials(experiment_dir, base.train.epochs)
@@ -116,30 +136,28 @@ def build_report(experiment_dir: Path, data_dir: str | None = None) -> Path:
     best_row = best_trial(table)
     if best_row is None:
         raise ReportError(f"{experiment_dir}: no completed trial with a checkpoint to report on")
-    trial = next(t for t in trials if t.trial_id == best_row["trial_id"])
-    if not (Path(trial.checkpoint) / "checkpoint.pt").is_file():
-        raise ReportError(f"{trial.checkpoint}: the best trial's checkpoint is missing")
-    state = load_checkpoint(trial.checkpoint)
+    best = next(t for t in trials if t.trial_id == best_row["trial_id"])
+    if not (Path(best.checkpoint) / CHECKPOINT_FILE).is_file():
+        raise ReportError(f"{best.checkpoint}: the best trial's checkpoint is missing")
+    state = load_checkpoint(best.checkpoint)
     config = from_dict(state["config"])
     if data_dir is not None:
         config = config.replace("data", dir=data_dir)
     splits = load_splits(config.data)
-
     runtime = select_runtime()
     model = build_model(config.model.name, len(splits.classes))
     model.load_state_dict(state["model"])
     model = runtime.prepare(model)
     evaluation = evaluate_test(model, splits.test, len(splits.classes), runtime,
                                config.train.batch_size)
-    val_name = "test (selection set)" if splits.val_is_test else "validation"
+    lr_finder = json.loads((experiment_dir / LR_FINDER_JSON).read_text())
+    return Study(experiment_dir, trials, table, best, best_row, state, config, splits, model,
+                 runtime, evaluation, lr_finder)
 
-    out = experiment_dir / (REPORT_DIR + ".partial")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    path = {key: out / name for key, (name, _) in FIGURES.items()}
-    classes = splits.classes
 
-    # The original's figures.
+def _original_figures(study: Study, path: dict[str, Path]) -> list[int]:
+    """The original assignment's figures; returns the test indices of the gallery."""
+    config, splits, classes = study.config, study.splits, study.splits.classes
     # A seeded sample: the training split may be ordered by class.
     shown = np.random.default_rng(config.train.seed).choice(
         len(splits.train.labels), size=min(20, len(splits.train.labels)), replace=False)
@@ -148,62 +166,83 @@ def build_report(experiment_dir: Path, data_dir: str | None = None) -> Path:
         [transform(image=splits.train.images[i])["image"] for i in shown]))
     figures.image_grid(augmented, [classes[splits.train.labels[i]] for i in shown],
                        path["augmentations"])
-    finder = json.loads((experiment_dir / LR_FINDER_JSON).read_text())
+    finder = study.lr_finder
     figures.plot_lr_finder(finder["lrs"], finder["losses"], finder["suggested_lr"],
                            path["lr_finder"])
     steps = steps_per_epoch(config, len(splits.train.labels))  # for any number of workers
     figures.plot_lr_schedule(_lr_per_step(config, steps), steps, config.train.peak_epoch,
                              path["lr_schedule"])
-    history = _history(trial, state)
-    figures.plot_curves(history, val_name, path["curves"])
+    figures.plot_curves(_history(study.best, study.state), study.val_name, path["curves"])
 
+    evaluation = study.evaluation
     wrong = misclassified(evaluation, splits.test.labels, config.report.num_misclassified)
     titles = [f"true {classes[splits.test.labels[i]]}\npred {classes[evaluation.predicted[i]]}"
               f" ({evaluation.confidence[i]:.0%})" for i in wrong]
     figures.image_grid(splits.test.images[wrong], titles, path["misclassified"])
-    maps = gradcam_maps(model, splits.test.images[wrong], evaluation.predicted[wrong], runtime)
+    maps = gradcam_maps(study.model, splits.test.images[wrong], evaluation.predicted[wrong],
+                        study.runtime)
     figures.plot_gradcam(splits.test.images[wrong], maps, titles, path["gradcam"])
     figures.plot_confusion(evaluation.confusion, classes, path["confusion_matrix"])
+    return list(wrong)
 
-    # Beyond the original: the study as a whole.
-    figures.plot_trials({t.trial_id: t.history for t in trials},
+
+def _study_figures(study: Study, path: dict[str, Path]) -> dict[str, float] | str:
+    """Beyond the original: the study as a whole. Returns Optuna's importances, or why there
+    are none."""
+    table = study.table
+    figures.plot_trials({t.trial_id: t.history for t in study.trials},
                         dict(zip(table["trial_id"], table["status"], strict=True)),
-                        trial.trial_id, val_name, path["trials"])
-    figures.plot_search_space(table, finder["suggested_lr"], trial.trial_id,
+                        study.best.trial_id, study.val_name, path["trials"])
+    figures.plot_search_space(table, study.lr_finder["suggested_lr"], study.best.trial_id,
                               path["search_space"])
-    importances = _importances(experiment_dir, experiment_dir.name)
+    importances = _importances(study.experiment_dir, study.experiment_dir.name)
     if isinstance(importances, dict):
         figures.plot_importance(importances, path["importance"])
+    return importances
 
-    gallery = [{"test_index": int(splits.test.indices[i]), "true": classes[splits.test.labels[i]],
-                "predicted": classes[evaluation.predicted[i]],
-                "confidence": round(float(evaluation.confidence[i]), 6)} for i in wrong]
-    (out / MISCLASSIFIED_JSON).write_text(json.dumps(gallery, indent=2))
-    best_epoch = int(history.loc[history["val_acc"].idxmax(), "epoch"])
-    summary = {
-        "experiment": experiment_dir.name,
+
+def _summary(study: Study, importances: dict[str, float] | str,
+             figure_files: list[str]) -> dict[str, Any]:
+    splits, evaluation, classes = study.splits, study.evaluation, study.splits.classes
+    history = _history(study.best, study.state)
+    return {
+        "experiment": study.experiment_dir.name,
         "selected_on": "test" if splits.val_is_test else "val",
         "selection_note": ("data.val_size is 0: trials were selected on the test set, so the "
                            "test accuracy below is optimistic" if splits.val_is_test else
                            "trials were selected on a validation split carved from train"),
-        "best_trial": {"trial_id": trial.trial_id, "best_epoch": best_epoch,
-                       "val_acc": float(best_row["best_val_acc"]),
-                       "checkpoint": trial.checkpoint, "config": state["config"]},
+        "best_trial": {"trial_id": study.best.trial_id,
+                       "best_epoch": int(history.loc[history["val_acc"].idxmax(), "epoch"]),
+                       "val_acc": float(study.best_row["best_val_acc"]),
+                       "checkpoint": study.best.checkpoint, "config": study.state["config"]},
         "test": {"accuracy": evaluation.accuracy, "loss": evaluation.loss,
                  "images": int(len(splits.test.labels))},
         "per_class_accuracy": {c: float(a) for c, a in
                                zip(classes, evaluation.per_class_accuracy, strict=True)},
-        "lr_range_test": {"suggested_lr": finder["suggested_lr"]},
-        "trials_by_status": {k: int(v) for k, v in table["status"].value_counts().items()},
+        "lr_range_test": {"suggested_lr": study.lr_finder["suggested_lr"]},
+        "trials_by_status": {k: int(v) for k, v in study.table["status"].value_counts().items()},
         "importances": importances,
-        "figures": {key: name for key, (name, _) in FIGURES.items() if (out / name).exists()},
+        "figures": {key: name for key, (name, _) in FIGURES.items() if name in figure_files},
     }
-    (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
-    write_index(out, summary, table, {k: v for k, v in FIGURES.items()
-                                      if k in summary["figures"]})
 
+
+def build_report(experiment_dir: Path, data_dir: str | None = None) -> Path:
+    """Write `<experiment>/report/`; return it."""
+    experiment_dir = experiment_dir.resolve()
+    study = _load_study(experiment_dir, data_dir)
     final = experiment_dir / REPORT_DIR
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(out, final)
+    with written_whole(final) as out:
+        out.mkdir()
+        path = {key: out / name for key, (name, _) in FIGURES.items()}
+        wrong = _original_figures(study, path)
+        importances = _study_figures(study, path)
+        classes, test, evaluation = study.splits.classes, study.splits.test, study.evaluation
+        gallery = [{"test_index": int(test.indices[i]), "true": classes[test.labels[i]],
+                    "predicted": classes[evaluation.predicted[i]],
+                    "confidence": round(float(evaluation.confidence[i]), 6)} for i in wrong]
+        (out / MISCLASSIFIED_JSON).write_text(json.dumps(gallery, indent=2))
+        summary = _summary(study, importances, [p.name for p in out.iterdir()])
+        (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+        write_index(out, summary, study.table,
+                    {k: v for k, v in FIGURES.items() if k in summary["figures"]})
     return final

@@ -44,13 +44,12 @@ from ray import tune
 
 from study.trial import DRIVER_CPU, RAY_ENV, Resources, make_trainable, train_worker
 from trainable.config import Config, load_config, to_dict
+from trainable.constants import DEFAULT_CONFIG, REPO
 from trainable.data import ImageSet, Splits, load_splits, make_loader, train_transform
 from trainable.device import Runtime, select_runtime
 from trainable.device_data import DeviceBatches
 from trainable.loop import train
 from trainable.synthetic import write_dataset
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench_config(args: argparse.Namespace, data_dir: str) -> Config:
-    return load_config(REPO / "configs" / "default.yaml", [
+    return load_config(DEFAULT_CONFIG, [
         f"data.dir={data_dir}", "data.val_size=64", f"data.limit_train={args.images}",
         "data.limit_test=64", f"train.batch_size={args.batch_size}",
         f"train.epochs={args.epochs}", "train.peak_epoch=1"])
@@ -182,7 +181,7 @@ def augment_images_per_s(config: Config, images: ImageSet, workers: int,
 def cuda_epoch_s(data_dir: str) -> dict[str, float]:
     """Seconds per epoch of the default recipe (all 45,000 training images, batch 512), steady
     state (the second epoch), per variant."""
-    recipe = load_config(REPO / "configs" / "default.yaml",
+    recipe = load_config(DEFAULT_CONFIG,
                          [f"data.dir={data_dir}", "train.epochs=2", "train.peak_epoch=1"])
     splits = load_splits(recipe.data)
     variants = {"cpu_loader": {"augment_on": "cpu"}, "device_augment": {"augment_on": "gpu"},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,13 +18,12 @@ import ray.train.torch
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
 
-from study.layout import TRAIN_RUNS
+from analysis.experiment import METRIC, MODE, SEARCHED, TRAIN_RUNS
 from trainable.config import Config, from_dict, to_dict
+from trainable.constants import CHECKPOINT_FILE
 from trainable.device import select_runtime
 from trainable.loop import train
 
-METRIC, MODE = "val_acc", "max"  # what the study maximises, and which checkpoints it keeps
-SEARCHED = ("max_lr", "peak_epoch")  # TrainConfig fields the search sets per trial
 # CPUs the Tune trainable that drives a TorchTrainer holds; {"CPU": 0} is refused.
 DRIVER_CPU = 0.01
 # Ray Train's controller polls its workers every 2 s by default, and a trial waits for a poll
@@ -72,15 +72,31 @@ def _report_to(report_fn, checkpoint_cls):
     return report
 
 
-def _resume_dir(checkpoint) -> contextlib.AbstractContextManager:
-    return checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext()
+def restore_candidates(latest: str | Path) -> list[Path]:
+    """The checkpoints to continue a trial from, newest first: `latest`, the one Tune or Train
+    hands back, then the older ones beside it, should it be unreadable (both keep a trial's
+    checkpoints side by side, named so that they sort by time)."""
+    latest = Path(latest)
+    older = [p for p in latest.parent.iterdir()
+             if p.name < latest.name and (p / CHECKPOINT_FILE).is_file()]
+    return [latest] + sorted(older, key=lambda p: p.name, reverse=True)
+
+
+@contextlib.contextmanager
+def _resume_from(checkpoint) -> Iterator[list[Path]]:
+    """`restore_candidates` of a Ray checkpoint; none when there is nothing to continue."""
+    if checkpoint is None:
+        yield []
+        return
+    with checkpoint.as_directory() as latest:
+        yield restore_candidates(latest)
 
 
 def local_trial(params: dict[str, Any], *, base: dict[str, Any], splits_ref: list) -> None:
     """One trial run by the loop inside the Tune trainable: one process, no TorchTrainer."""
     config = trial_config(base, params)
     splits = ray.get(splits_ref[0])
-    with _resume_dir(tune.get_checkpoint()) as resume_from:
+    with _resume_from(tune.get_checkpoint()) as resume_from:
         train(config, splits, _report_to(tune.report, tune.Checkpoint), resume_from=resume_from)
 
 
@@ -141,7 +157,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 metrics["epoch"] < config.train.epochs:
             ray.get(relay.wait_to_start.remote(metrics["epoch"] + 1))
 
-    with _resume_dir(ray.train.get_checkpoint()) as resume_from:
+    with _resume_from(ray.train.get_checkpoint()) as resume_from:
         train(config, splits, report, resume_from=resume_from,
               runtime=select_runtime(ray.train.torch.get_device()),
               prepare_model=partial(ray.train.torch.prepare_model, move_to_device=False))

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from study.layout import RESULTS_CSV
 from study.trial import RAY_ENV
 from trainable.config import Config, load_config
+from trainable.constants import REPO
 from trainable.synthetic import write_dataset
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from .helpers import free_port, study
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")
@@ -47,12 +43,6 @@ def tiny_config(synthetic_dir) -> Config:
     ])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_address():
     """One Ray head for the session (a start costs 5-9 s), as `ray start --head` gives a user;
@@ -68,49 +58,6 @@ def ray_address():
     yield f"127.0.0.1:{port}"
     subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, timeout=120)
     shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-# --- studies: python study/run.py on tiny synthetic data ---------------------------------
-
-RUN = [sys.executable, str(REPO / "study" / "run.py")]
-EPOCHS = 2
-
-
-def tiny(data_dir, *extra: str) -> list[str]:
-    """Seconds per trial: 32 training images in 2 batches, 16 validation images."""
-    return ["--config", str(REPO / "configs" / "smoke.yaml"), "--data-dir", str(data_dir),
-            "--set", "data.limit_train=32", "--set", "data.val_size=16",
-            "--set", "train.batch_size=16", "--set", f"train.epochs={EPOCHS}",
-            "--set", "lr_finder.num_iter=17", *extra]
-
-
-def study(ray_address, storage, name, data_dir, *extra, timeout=300):
-    """A --local study joined to the session's Ray, without its report."""
-    run = subprocess.run([*RUN, *tiny(data_dir, "--address", ray_address, "--local",
-                                      "--storage", str(storage), "--name", name,
-                                      "--no-report", *extra)],
-                         capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
-def results(experiment) -> pd.DataFrame:
-    return pd.read_csv(experiment / RESULTS_CSV)
-
-
-def reports(trial_dir) -> list[dict]:
-    """Every result Tune recorded for a trial, in order (result.json is appended to)."""
-    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()
-            if line.strip()]
-
-
-def trial_epochs(experiment) -> dict[str, list[int]]:
-    """Every epoch each trial reported, in order (an epoch run twice appears twice)."""
-    found = {}
-    for trial_dir in experiment.glob("trial_*"):
-        if (trial_dir / "result.json").exists():
-            found[trial_dir.name] = [r["epoch"] for r in reports(trial_dir)]
-    return found
 
 
 @pytest.fixture(scope="session")

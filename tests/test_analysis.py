@@ -20,7 +20,7 @@ from trainable.device import select_runtime
 from trainable.loop import load_checkpoint, predict
 from trainable.model import build_model
 
-from .conftest import results
+from .helpers import results
 
 pytestmark = pytest.mark.slow
 

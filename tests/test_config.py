@@ -5,7 +5,7 @@ import pytest
 from trainable.config import ConfigError, load_config, to_dict
 from trainable.config import from_dict as config_from_dict
 
-from .conftest import REPO
+from .helpers import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

@@ -23,6 +23,8 @@ from trainable.data import (
 )
 from trainable.synthetic import main as synthetic_main
 
+from .helpers import coordinate_image, explain
+
 
 def data_config(directory, **values) -> DataConfig:
     return DataConfig(dir=str(directory), **{"val_size": 100, "num_workers": 0, **values})
@@ -175,33 +177,9 @@ def test_synthetic_cli_refuses_a_used_directory(tmp_path, capsys):
 
 # --- augmentation: the original's, exactly ---------------------------------------------------
 
-def coordinate_image() -> np.ndarray:
-    """Every pixel tells where it came from (R: column, G: row); blue marks 'image, not fill'."""
-    rows, cols = np.mgrid[0:32, 0:32]
-    return np.stack([4 * cols + 2, 4 * rows + 2, np.full_like(rows, 250)], -1).astype(np.uint8)
-
-
 def to_uint8(tensor: torch.Tensor) -> np.ndarray:
     """Undo Normalize and ToTensorV2 with the shared constants."""
     return to_uint8_images(tensor[None])[0]
-
-
-def explain(out: np.ndarray, source: np.ndarray):
-    """The (row offset, column offset, flipped, hole mask) under which `out` is `source` padded
-    by 4 with the mean, cropped at the offset, maybe flipped, with mean-coloured pixels covering
-    the hole; None if no crop explains it."""
-    padded = np.empty((40, 40, 3), np.uint8)
-    padded[:] = MEAN_UINT8
-    padded[4:36, 4:36] = source
-    for dy in range(9):
-        for dx in range(9):
-            for flipped in (False, True):
-                expected = padded[dy:dy + 32, dx:dx + 32]
-                expected = expected[:, ::-1] if flipped else expected
-                differs = (out != expected).any(-1)
-                if (out[differs] == MEAN_UINT8).all() and differs.sum() <= 64:
-                    return dy, dx, flipped, differs
-    return None
 
 
 def test_augmentation_is_pad_crop_flip_one_hole_normalise():

@@ -16,14 +16,14 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import trainable.loop as loop
-from trainable.constants import CHECKPOINT_FILE
+from trainable.constants import CHECKPOINT_FILE, TrialStatus
 from trainable.data import DataError, ImageSet, load_splits, make_loader, train_transform
 from trainable.device import Runtime
 from trainable.device_data import DeviceBatches
-from trainable.loop import COMPLETED, load_checkpoint, make_scheduler, steps_per_epoch, train
+from trainable.loop import load_checkpoint, make_scheduler, steps_per_epoch, train
 from trainable.model import build_model
 
-from .conftest import free_port
+from .helpers import free_port
 
 
 def images(count: int) -> ImageSet:
@@ -112,7 +112,7 @@ def test_ddp_over_two_processes_with_bf16_channels_last_and_device_augmentation(
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     steps = steps_per_epoch(config, 32)
     for rank, found in enumerate(ranks):
-        assert found["status"] == COMPLETED
+        assert found["status"] == TrialStatus.COMPLETED
         assert [r["epoch"] for r in found["reports"]] == [1, 2]
         assert all(r["steps"] == steps == 2 and r["workers"] == 2 for r in found["reports"])
         assert all(r["checkpoint"] == (rank == 0) for r in found["reports"]), \
@@ -152,7 +152,8 @@ def test_compiled_training_compiles_once_and_saves_the_plain_module(tiny_config,
         saved.append(load_checkpoint(checkpoint_dir))
 
     outcome = train(config, load_splits(config.data), report)
-    assert outcome.status == COMPLETED and [m["steps"] for m in outcome.history] == [2, 2]
+    assert outcome.status == TrialStatus.COMPLETED
+    assert [m["steps"] for m in outcome.history] == [2, 2]
     assert not any(key.startswith("_orig_mod") for key in saved[-1]["model"])
     assert set(saved[-1]["model"]) == set(build_model(config.model.name).state_dict())
     torch._dynamo.reset()

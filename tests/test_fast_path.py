@@ -13,14 +13,13 @@ import pytest
 import torch
 
 from trainable.config import DataConfig
-from trainable.constants import MEAN_UINT8
+from trainable.constants import MEAN_UINT8, TrialStatus
 from trainable.data import ImageSet, eval_transform, load_splits, to_uint8_images
 from trainable.device import select_runtime
 from trainable.device_data import DeviceBatches
-from trainable.loop import COMPLETED, make_batches, train
+from trainable.loop import make_batches, train
 
-from .conftest import REPO, RUN
-from .test_data import coordinate_image, explain
+from .helpers import REPO, RUN, coordinate_image, explain
 
 
 def identical(count: int) -> ImageSet:
@@ -96,7 +95,7 @@ def test_training_with_device_augmentation_and_the_switches(tiny_config):
     config = tiny_config.replace("data", augment_on="gpu").replace(
         "train", epochs=2, label_smoothing=0.1, eval_flip_tta=True)
     outcome = train(config, load_splits(config.data), lambda m, c: None)
-    assert outcome.status == COMPLETED and len(outcome.history) == 2
+    assert outcome.status == TrialStatus.COMPLETED and len(outcome.history) == 2
     assert all(np.isfinite(m["val_loss"]) for m in outcome.history)
 
 

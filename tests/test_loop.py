@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from study.trial import restore_candidates
 from trainable.__main__ import main as trainable_main
-from trainable.constants import CHECKPOINT_FILE
+from trainable.constants import CHECKPOINT_FILE, TrialStatus
 from trainable.data import load_splits
 from trainable.loop import (
-    COMPLETED,
-    DIVERGED,
     load_checkpoint,
     make_optimizer,
     make_scheduler,
@@ -23,7 +22,7 @@ from trainable.loop import (
 )
 from trainable.model import build_model
 
-from .conftest import REPO
+from .helpers import REPO
 
 
 def test_lr_peaks_at_the_end_of_the_peak_epoch(tiny_config):
@@ -73,7 +72,7 @@ def test_a_run_reports_every_epoch_with_a_checkpoint(tiny_config, tmp_path):
         reports.append((metrics, kept))
 
     outcome = train(config, load_splits(config.data), report)
-    assert outcome.status == COMPLETED
+    assert outcome.status == TrialStatus.COMPLETED
     assert [m["epoch"] for m, _ in reports] == [1, 2, 3]
     keys = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "lr",
             "epoch_s", "images_per_s", "steps", "workers", "diverged"}
@@ -97,7 +96,7 @@ def test_resuming_reaches_the_same_weights_as_an_uninterrupted_run(tiny_config, 
         kept[metrics["epoch"]] = shutil.copytree(checkpoint_dir, tmp_path / str(metrics["epoch"]))
 
     whole = train(tiny_config, splits, keep)
-    resumed = train(tiny_config, splits, resume_from=kept[1])
+    resumed = train(tiny_config, splits, resume_from=[kept[1]])
     assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
     for name, tensor in whole.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
@@ -121,7 +120,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_pa
     damaged.write_bytes(damaged.read_bytes()[:4096])
     epochs = []
     resumed = train(tiny_config, splits, lambda m, _: epochs.append(m["epoch"]),
-                    resume_from=kept[2])
+                    resume_from=restore_candidates(kept[2]))
     err = capsys.readouterr().err
     assert f"checkpoint {kept[2]} is unreadable" in err
     assert f"continuing from the older checkpoint {kept[1]} (epoch 1)" in err
@@ -135,7 +134,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_pa
     torch.save(foreign, tmp_path / "checkpoint_000000" / CHECKPOINT_FILE)
     torch.save({"model": {"head.weight": torch.zeros(3)}}, kept[1] / CHECKPOINT_FILE)
     epochs.clear()
-    train(tiny_config, splits, lambda m, _: epochs.append(m["epoch"]), resume_from=kept[2])
+    train(tiny_config, splits, lambda m, _: epochs.append(m["epoch"]),
+          resume_from=restore_candidates(kept[2]))
     err = capsys.readouterr().err
     assert "not a checkpoint of this loop" in err and "restarts at epoch 1" in err
     assert f"checkpoint {tmp_path / 'checkpoint_000000'} is another run's" in err
@@ -146,7 +146,7 @@ def test_a_non_finite_loss_ends_the_run_as_diverged(tiny_config):
     config = tiny_config.replace("train", max_lr=100, div_factor=1.0)
     reports = []
     outcome = train(config, load_splits(config.data), lambda m, c: reports.append((m, c)))
-    assert outcome.status == DIVERGED
+    assert outcome.status == TrialStatus.DIVERGED
     last, checkpoint = reports[-1]
     assert last == {"epoch": outcome.diverged_epoch, "diverged": True, "val_acc": 0.0,
                     "lr": last["lr"]}
@@ -189,7 +189,7 @@ def test_cli_diverged_run_exits_3(synthetic_dir, capsys):
                                      "--set", "train.div_factor=1"))
     assert code == 3
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["status"] == DIVERGED and "test_acc" not in result
+    assert result["status"] == TrialStatus.DIVERGED and "test_acc" not in result
 
 
 @pytest.mark.slow
@@ -201,7 +201,7 @@ def test_cli_smoke_run_learns_and_ends_with_json(synthetic_dir, tmp_path):
     lines = run.stdout.strip().splitlines()
     assert [line.split()[:2] for line in lines[1:3]] == [["epoch", "1"], ["epoch", "2"]]
     result = json.loads(lines[-1])
-    assert result["status"] == COMPLETED and result["test_images"] == 200
+    assert result["status"] == TrialStatus.COMPLETED and result["test_images"] == 200
     assert result["test_acc"] > 0.5  # 10 classes: chance is 0.1
     assert result["config"]["data"]["dir"] == str(synthetic_dir)
     model = build_model("resnet18")

@@ -11,12 +11,13 @@ import time
 
 import pytest
 
-from study.layout import LR_FINDER_JSON, TRAIN_RUNS
+from analysis.experiment import LR_FINDER_JSON, TRAIN_RUNS
 from trainable.config import load_config
+from trainable.constants import TrialStatus
 from trainable.data import load_splits
-from trainable.loop import COMPLETED, steps_per_epoch, train
+from trainable.loop import steps_per_epoch, train
 
-from .conftest import REPO, RUN, reports, results, trial_epochs
+from .helpers import REPO, RUN, reports, results, trial_epochs
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +90,8 @@ def test_two_workers_keep_the_recipe_and_resume_after_a_driver_kill(ray_address,
     assert kept and all([p.name for p in c.iterdir()] == ["checkpoint.pt"] for c in kept)
 
     one = train(config, load_splits(config.data))  # one worker, same global batch and seed
-    assert one.status == COMPLETED and [m["steps"] for m in one.history] == [steps] * EPOCHS
+    assert one.status == TrialStatus.COMPLETED
+    assert [m["steps"] for m in one.history] == [steps] * EPOCHS
     two_workers, one_worker = rows[-1]["val_acc"], one.history[-1]["val_acc"]
     print(f"val_acc: 2 workers {two_workers:.3f}, 1 worker {one_worker:.3f}")
     assert abs(two_workers - one_worker) <= TOLERANCE

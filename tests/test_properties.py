@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import study.run
 from trainable.config import Config, ConfigError, from_dict, load_config, to_dict
 
-from .conftest import REPO
+from .helpers import REPO
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 KEYS = [f"{section.name}.{field.name}"

@@ -11,7 +11,7 @@ from trainable.config import DataConfig
 from trainable.constants import CLASSES, MEAN
 from trainable.data import load_splits
 
-from .conftest import SHARED_DATA
+from .helpers import SHARED_DATA
 
 pytestmark = [
     pytest.mark.real_data,

@@ -16,9 +16,9 @@ import optuna
 import psutil
 import pytest
 
-from study.layout import LR_FINDER_JSON, REPORT_DIR, STUDY_JSON, optuna_url
+from analysis.experiment import LR_FINDER_JSON, REPORT_DIR, STUDY_JSON, optuna_url
 
-from .conftest import REPO, RUN, reports, results, tiny, trial_epochs
+from .helpers import REPO, RUN, reports, results, tiny, trial_epochs
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from analysis.__main__ import main as analysis_main
-from study.layout import (
+from analysis.experiment import (
     LR_FINDER_JSON,
     LR_FINDER_PNG,
     RESULTS_CSV,
@@ -24,7 +24,7 @@ from study.layout import (
 from study.run import main as study_main
 from trainable.loop import load_checkpoint
 
-from .conftest import EPOCHS, REPO, RUN, reports, results, study, tiny
+from .helpers import EPOCHS, REPO, RUN, reports, results, study, tiny
 
 pytestmark = pytest.mark.slow
 

@@ -17,18 +17,16 @@ from pathlib import Path
 import torch
 
 from trainable.config import ConfigError, load_config, to_dict
+from trainable.constants import DEFAULT_CONFIG, EXIT_BAD_INPUT, EXIT_DIVERGED, TrialStatus
 from trainable.data import DataError, load_splits
 from trainable.device import select_runtime
-from trainable.loop import DIVERGED, evaluate, make_batches, steps_per_epoch, train
-
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3
+from trainable.loop import evaluate, make_batches, steps_per_epoch, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainable", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/default.yaml", help="YAML config file")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
     parser.add_argument("--data-dir", help="CIFAR-10 directory (overrides data.dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override one config value")
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     outcome = train(config, splits, print_epoch, runtime=runtime, progress=True)
     result = {"status": outcome.status, **(outcome.history[-1] if outcome.history else {})}
-    if outcome.status != DIVERGED:
+    if outcome.status != TrialStatus.DIVERGED:
         test_batches = make_batches(splits.test, config, runtime, train=False)
         test = evaluate(outcome.model, test_batches, runtime, config.train.eval_flip_tta)
         result.update(test_loss=test["loss"], test_acc=test["acc"],
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(selected_on="test" if splits.val_is_test else "val",
                   config=to_dict(config))
     print(json.dumps(result))
-    return EXIT_DIVERGED if outcome.status == DIVERGED else 0
+    return EXIT_DIVERGED if outcome.status == TrialStatus.DIVERGED else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from trainable.constants import MODEL_NAMES, RESNET18
+
 
 class ConfigError(ValueError):
     """A configuration value (or the YAML holding it) that cannot be used; one line."""
@@ -25,7 +27,6 @@ def _bounded(default: Any, lo: float | None = None, hi: float | None = None,
     return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices})
 
 
-MODEL_NAMES = ("resnet18", "resnet18_era")
 AUGMENT_ON = ("auto", "cpu", "gpu")
 SCHEDULERS = ("fifo", "asha")
 
@@ -45,7 +46,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _bounded("resnet18", choices=MODEL_NAMES)
+    name: str = _bounded(RESNET18, choices=MODEL_NAMES)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,16 @@
 """Constants every package shares; each lives here only."""
 
+from enum import StrEnum
+from pathlib import Path
+
+# The checkout: configs/ and the entry points live under it.
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+
+# Exit codes of every entry point (0: done).
+EXIT_BAD_INPUT = 2  # refused in one line before any work; nothing written
+EXIT_DIVERGED = 3  # `python -m trainable`: a loss went non-finite
+
 # CIFAR-10's classes in label order (batches.meta of the official release).
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -20,3 +31,21 @@ META_FILE = "batches.meta"
 
 # The file a checkpoint directory holds.
 CHECKPOINT_FILE = "checkpoint.pt"
+
+# The models `model.name` may name (trainable/model.py builds them).
+RESNET18 = "resnet18"  # the standard CIFAR ResNet18
+RESNET18_ERA = "resnet18_era"  # the original assignment's variant
+MODEL_NAMES = (RESNET18, RESNET18_ERA)
+
+
+class TrialStatus(StrEnum):
+    """How a run or a study's trial ended, as the loop returns it and results.csv names it."""
+
+    COMPLETED = "COMPLETED"  # ran every epoch
+    STOPPED = "STOPPED"  # stopped early by the scheduler (ASHA)
+    DIVERGED = "DIVERGED"  # a loss went non-finite
+    ERROR = "ERROR"  # raised, after its retries
+
+
+# A study's trial in none of these statuses was interrupted (Tune's PENDING, RUNNING, ...).
+ENDED = frozenset(TrialStatus)

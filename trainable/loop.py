@@ -6,13 +6,14 @@ the caller decides what to do with both (print them, hand them to Ray Tune, keep
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from trainable.config import Config, to_dict
-from trainable.constants import CHECKPOINT_FILE
+from trainable.constants import CHECKPOINT_FILE, TrialStatus
 from trainable.data import (
     DataError,
     ImageSet,
@@ -43,9 +44,6 @@ from trainable.model import build_model
 Report = Callable[[dict[str, Any], str | None], None]
 Wrap = Callable[[Any], Any]
 
-COMPLETED = "completed"
-DIVERGED = "diverged"
-
 
 class CheckpointMismatch(ValueError):
     """A checkpoint made by a run with another config, which cannot continue this one."""
@@ -53,7 +51,7 @@ class CheckpointMismatch(ValueError):
 
 @dataclass
 class Outcome:
-    status: str  # COMPLETED, or DIVERGED when a loss went non-finite
+    status: TrialStatus  # COMPLETED, or DIVERGED when a loss went non-finite
     model: nn.Module  # the trained (uncompiled) model
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch
     diverged_epoch: int | None = None
@@ -204,20 +202,13 @@ def _fits(state: Any, module: nn.Module) -> str | None:
     return None if found == expected else "weights of another model"
 
 
-def _restore_candidates(resume_from: Path) -> list[Path]:
-    """The checkpoint asked for, then the older ones beside it, newest first: Tune and Train
-    keep a trial's checkpoints side by side, named so that they sort by time."""
-    older = [p for p in resume_from.parent.iterdir()
-             if p.name < resume_from.name and (p / CHECKPOINT_FILE).is_file()]
-    return [resume_from] + sorted(older, key=lambda p: p.name, reverse=True)
-
-
-def readable_checkpoint(resume_from: str | Path, config: Config,
+def readable_checkpoint(candidates: Sequence[str | Path], config: Config,
                         module: nn.Module) -> dict[str, Any] | None:
-    """The newest readable checkpoint to continue from, or None (start at epoch 1) when none
-    is; each one skipped is named on stderr. The one asked for made with another config is
-    an error."""
-    for candidate in _restore_candidates(Path(resume_from)):
+    """The first readable checkpoint of `candidates` (checkpoint directories, newest first),
+    or None (start at epoch 1) when none is; each one skipped is named on stderr. The first
+    candidate made with another config is an error."""
+    candidates = [Path(c) for c in candidates]
+    for candidate in candidates:
         try:
             state = load_checkpoint(candidate)
             problem = _fits(state, module)
@@ -228,26 +219,101 @@ def readable_checkpoint(resume_from: str | Path, config: Config,
                   file=sys.stderr)
             continue
         if state["config"] != to_dict(config):
-            if candidate == Path(resume_from):
+            if candidate == candidates[0]:
                 raise CheckpointMismatch(f"{candidate}: checkpoint was made with another config")
             # Beside a copy in a temporary folder may lie other runs' checkpoints.
             print(f"onecycle: checkpoint {candidate} is another run's; skipped", file=sys.stderr)
             continue
-        if candidate != Path(resume_from):
+        if candidate != candidates[0]:
             print(f"onecycle: continuing from the older checkpoint {candidate} "
                   f"(epoch {state['epoch']})", file=sys.stderr)
         return state
-    print(f"onecycle: no readable checkpoint beside {resume_from}; the run restarts at epoch 1",
-          file=sys.stderr)
+    if candidates:
+        print(f"onecycle: no readable checkpoint from {candidates[0]} back; the run restarts "
+              "at epoch 1", file=sys.stderr)
     return None
 
 
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@dataclass(frozen=True)
+class EpochTraining:
+    """What one epoch of training measured on this worker."""
+
+    loss: float  # mean training loss; non-finite when a step's loss was
+    acc: float
+    images: int  # this worker's images this epoch
+    seconds: float  # wall time of training, without validation
+    lr: float  # the LR of the epoch's last step
+
+
+def _train_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, runtime: Runtime,
+                 config: Config, epoch: int, progress: bool) -> EpochTraining:
+    """One pass over this worker's training batches, an optimizer and a scheduler step each."""
+    t = config.train
+    if isinstance(batches, DeviceBatches):
+        batches.seed(epoch_seed(t.seed, epoch))
+    else:
+        seed_epoch(batches, t.seed, epoch)
+    model.train()
+    loss_sum = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+    seen = 0
+    started = time.perf_counter()
+    for images, labels in tqdm(batches, desc=f"epoch {epoch}/{t.epochs}", leave=False,
+                               disable=not progress, unit="batch"):
+        images, labels = runtime.to_input(images), labels.to(runtime.device)
+        with runtime.autocast():
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=t.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the LR this step used
+        scheduler.step()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+    # Read once an epoch, not per step: reading the loss every step would make the host wait
+    # for the GPU every step. A non-finite step loss leaves the sum non-finite.
+    return EpochTraining(loss_sum.item() / seen, correct.item() / seen, seen,
+                         time.perf_counter() - started, lr)
+
+
+def _share_rank0_buffers(module: nn.Module) -> None:
+    """DDP gives every worker rank 0's buffers before each forward, but each then updates them
+    from its own batch: validate (and save) rank 0's, on every worker."""
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+@contextlib.contextmanager
+def _saved_checkpoint(module: nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int,
+                      config: Config, history: list[dict[str, Any]]) -> Iterator[str]:
+    """A temporary checkpoint directory of the run after `epoch`, removed after the block
+    (the caller's `report` copies what it keeps)."""
+    with tempfile.TemporaryDirectory(prefix="onecycle-ckpt-") as checkpoint_dir:
+        torch.save({
+            "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
+            "config": to_dict(config), "history": history,
+        }, Path(checkpoint_dir) / CHECKPOINT_FILE)
+        yield checkpoint_dir
+
+
 def train(config: Config, splits: Splits, report: Report | None = None, *,
-          resume_from: str | Path | None = None, runtime: Runtime | None = None,
+          resume_from: Sequence[str | Path] = (), runtime: Runtime | None = None,
           progress: bool = False, prepare_model: Wrap | None = None) -> Outcome:
     """Train `config.model.name` on `splits.train` for `config.train.epochs` epochs,
-    validating on `splits.val` after each; continue from `resume_from` (a checkpoint directory
-    written by this function) when given. A non-finite loss ends the run as DIVERGED.
+    validating on `splits.val` after each; continue from the first readable checkpoint of
+    `resume_from` (checkpoint directories written by this function, newest first) when given.
+    A non-finite loss ends the run as DIVERGED.
 
     Under torch.distributed (callers pass `prepare_model`, e.g. a DDP wrapper), each worker
     trains on its shard at `train.batch_size / workers` images a step, validates its shard of
@@ -256,20 +322,18 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
     (no SyncBatchNorm); rank 0's are the ones validated and saved."""
     runtime = runtime or select_runtime()
     t = config.train
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
+    _seed(t.seed)
     rank, world = rank_and_world()
     steps_per_epoch(config, len(splits.train.labels))  # at least one step, or a clear error
     module = runtime.prepare(build_model(config.model.name, len(splits.classes)))
-    train_loader = make_batches(splits.train, config, runtime, train=True)
-    val_loader = make_batches(shard(splits.val, rank, world), config, runtime, train=False)
+    train_batches = make_batches(splits.train, config, runtime, train=True)
+    val_batches = make_batches(shard(splits.val, rank, world), config, runtime, train=False)
     optimizer = make_optimizer(module, config)
-    scheduler = make_scheduler(optimizer, config, len(train_loader))
+    scheduler = make_scheduler(optimizer, config, len(train_batches))
     history: list[dict[str, Any]] = []
     first_epoch = 1
 
-    state = None if resume_from is None else readable_checkpoint(resume_from, config, module)
+    state = readable_checkpoint(resume_from, config, module)
     if state is not None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -287,58 +351,29 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
                    "lr": scheduler.get_last_lr()[0]}
         if report is not None:
             report(metrics, None)
-        return Outcome(DIVERGED, module, history + [metrics], diverged_epoch=epoch)
+        return Outcome(TrialStatus.DIVERGED, module, history + [metrics], diverged_epoch=epoch)
 
     for epoch in range(first_epoch, t.epochs + 1):
-        if isinstance(train_loader, DeviceBatches):
-            train_loader.seed(epoch_seed(t.seed, epoch))
-        else:
-            seed_epoch(train_loader, t.seed, epoch)
-        model.train()
-        loss_sum = torch.zeros((), device=runtime.device)
-        correct = torch.zeros((), device=runtime.device, dtype=torch.long)
-        seen = 0
-        started = time.perf_counter()
-        batches = tqdm(train_loader, desc=f"epoch {epoch}/{t.epochs}", leave=False,
-                       disable=not progress, unit="batch")
-        for images, labels in batches:
-            images, labels = runtime.to_input(images), labels.to(runtime.device)
-            with runtime.autocast():
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels, label_smoothing=t.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]  # the LR this step used
-            scheduler.step()
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
-        # Checked once an epoch, not per step: reading the loss every step would make the host
-        # wait for the GPU every step. A non-finite step loss leaves the sum non-finite.
-        train_loss = loss_sum.item() / seen
-        train_seconds = time.perf_counter() - started
-        if _any_worker(not math.isfinite(train_loss), runtime.device):
+        trained = _train_epoch(model, train_batches, optimizer, scheduler, runtime, config,
+                               epoch, progress)
+        if _any_worker(not math.isfinite(trained.loss), runtime.device):
             return diverge(epoch)
         if world > 1:
-            # DDP gives every worker rank 0's buffers before each forward, but each then
-            # updates them from its own batch: validate (and save) rank 0's, on every worker.
-            for buffer in module.buffers():
-                dist.broadcast(buffer, src=0)
-        val = evaluate(module, val_loader, runtime, flip_tta=t.eval_flip_tta)
+            _share_rank0_buffers(module)
+        val = evaluate(module, val_batches, runtime, flip_tta=t.eval_flip_tta)
         if not math.isfinite(val["loss"]):  # the weights overflowed in the last steps
             return diverge(epoch)
         metrics = {
             "epoch": epoch,
-            "train_loss": train_loss,
-            "train_acc": correct.item() / seen,
+            "train_loss": trained.loss,
+            "train_acc": trained.acc,
             "val_loss": val["loss"],
             "val_acc": val["acc"],
             "best_val_acc": max([val["acc"]] + [m["val_acc"] for m in history]),
-            "lr": lr,  # of this epoch's last step: max_lr at the end of peak_epoch
-            "epoch_s": train_seconds,  # seconds of training, without validation
-            "images_per_s": world * seen / train_seconds,  # all workers' (equal shards)
-            "steps": len(train_loader),  # optimizer steps this epoch, for any number of workers
+            "lr": trained.lr,  # of this epoch's last step: max_lr at the end of peak_epoch
+            "epoch_s": trained.seconds,  # seconds of training, without validation
+            "images_per_s": world * trained.images / trained.seconds,  # all workers, equal shards
+            "steps": len(train_batches),  # optimizer steps this epoch, for any number of workers
             "workers": world,
             "diverged": False,
         }
@@ -348,11 +383,7 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
         if rank != 0:
             report(metrics, None)
             continue
-        with tempfile.TemporaryDirectory(prefix="onecycle-ckpt-") as checkpoint_dir:
-            torch.save({
-                "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
-                "config": to_dict(config), "history": history,
-            }, Path(checkpoint_dir) / CHECKPOINT_FILE)
+        with _saved_checkpoint(module, optimizer, scheduler, epoch, config,
+                               history) as checkpoint_dir:
             report(metrics, checkpoint_dir)
-    return Outcome(COMPLETED, module, history)
+    return Outcome(TrialStatus.COMPLETED, module, history)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainable.config import MODEL_NAMES
+from trainable.constants import MODEL_NAMES, RESNET18, RESNET18_ERA
 
 
 class BasicBlock(nn.Module):
@@ -77,7 +77,7 @@ class ResNet18Era(nn.Module):
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:
     """A freshly initialised model; `name` is one of MODEL_NAMES. Both expose `layer4`."""
-    models = {"resnet18": ResNet18, "resnet18_era": ResNet18Era}
+    models = {RESNET18: ResNet18, RESNET18_ERA: ResNet18Era}
     if name not in models:
         raise ValueError(f"unknown model {name!r} (known: {', '.join(MODEL_NAMES)})")
     return models[name](num_classes)

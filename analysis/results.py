@@ -13,17 +13,12 @@ from pathlib import Path
 import pandas as pd
 import ray.train
 from ray import tune
+from ray.tune.experiment import Trial as TuneTrial
 
-from study.layout import RESULTS_CSV, TRAIN_RUNS
-from study.trial import METRIC, MODE, SEARCHED
+from analysis.experiment import METRIC, MODE, RESULTS_CSV, SEARCHED, TRAIN_RUNS, written_whole
 from trainable.config import Config
+from trainable.constants import TrialStatus
 
-# A trial's outcome, as results.csv and the report name it.
-COMPLETED = "COMPLETED"  # ran every epoch
-STOPPED = "STOPPED"  # stopped early by the scheduler (ASHA)
-DIVERGED = "DIVERGED"  # a loss went non-finite
-ERROR = "ERROR"  # raised, after its retries
-ENDED = (COMPLETED, STOPPED, DIVERGED, ERROR)  # a trial in none of these was interrupted
 COLUMNS = ["trial_id", "status", "max_lr", "peak_epoch", "epochs_run", "best_val_acc",
            "final_val_acc", "val_loss", "train_loss", "wall_s", "checkpoint"]
 
@@ -31,7 +26,7 @@ COLUMNS = ["trial_id", "status", "max_lr", "peak_epoch", "epochs_run", "best_val
 @dataclass(frozen=True)
 class Trial:
     trial_id: str
-    status: str
+    status: str  # a TrialStatus, or Tune's own for an interrupted trial (PENDING, ...)
     config: dict
     history: pd.DataFrame  # one row per epoch reported, by the `epoch` metric
     checkpoint: str | None  # directory of the best epoch's checkpoint
@@ -85,14 +80,14 @@ def load_trials(experiment_dir: Path, epochs: int) -> list[Trial]:
         trial_id = result.path.rstrip("/").rsplit("trial_", 1)[-1]
         history = _history(result)
         last = history.iloc[-1] if len(history) else None
-        if result.error is not None or status_of.get(trial_id) == "ERROR":
-            status = ERROR
+        if result.error is not None or status_of.get(trial_id) == TuneTrial.ERROR:
+            status = TrialStatus.ERROR
         elif last is not None and bool(last.get("diverged", False)):
-            status = DIVERGED
+            status = TrialStatus.DIVERGED
         elif last is not None and int(last["epoch"]) >= epochs:
-            status = COMPLETED
-        elif status_of.get(trial_id) == "TERMINATED":
-            status = STOPPED
+            status = TrialStatus.COMPLETED
+        elif status_of.get(trial_id) == TuneTrial.TERMINATED:
+            status = TrialStatus.STOPPED
         else:
             status = status_of.get(trial_id, "UNKNOWN")  # interrupted: PENDING, RUNNING, ...
         trials.append(Trial(trial_id, status, dict(result.config or {}), history,
@@ -122,17 +117,16 @@ def trial_table(trials: list[Trial]) -> pd.DataFrame:
 
 def write_results(experiment_dir: Path, config: Config) -> pd.DataFrame:
     table = trial_table(load_trials(experiment_dir, config.train.epochs))
-    partial_path = experiment_dir / (RESULTS_CSV + ".partial")
-    table.to_csv(partial_path, index=False)
-    os.replace(partial_path, experiment_dir / RESULTS_CSV)
+    with written_whole(experiment_dir / RESULTS_CSV) as partial:
+        table.to_csv(partial, index=False)
     return table
 
 
 def best_trial(table: pd.DataFrame) -> pd.Series | None:
     """The trial with the highest best val_acc (ties: fewer epochs), among those neither
     DIVERGED nor ERROR and with a checkpoint."""
-    eligible = table[~table["status"].isin([DIVERGED, ERROR]) & table["checkpoint"].notna()
-                     & table["best_val_acc"].notna()]
+    failed = table["status"].isin([TrialStatus.DIVERGED, TrialStatus.ERROR])
+    eligible = table[~failed & table["checkpoint"].notna() & table["best_val_acc"].notna()]
     if eligible.empty:
         return None
     ranked = eligible.sort_values(["best_val_acc", "epochs_run"], ascending=[False, True])

@@ -1,0 +1,175 @@
+"""A study's plan: the config, the experiment folder and the trial's resources, all checked
+before Ray starts or anything is written. Bad input raises `BadInput`, printed as one line."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from analysis.experiment import STUDY_JSON
+from study.search import describe_space
+from study.trial import DRIVER_CPU, Resources
+from trainable.config import Config, from_dict, load_config, to_dict
+from trainable.constants import DEFAULT_CONFIG
+from trainable.model import build_model
+
+
+class BadInput(ValueError):
+    """Input refused before any work: printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: Config
+    experiment_dir: Path
+    resume: bool
+
+
+def workers_per_trial(args: argparse.Namespace) -> int:
+    return 1 if args.workers_per_trial is None else args.workers_per_trial
+
+
+def resolve(args: argparse.Namespace) -> Plan:
+    """The config and the experiment directory, all checked; nothing written."""
+    if args.local and args.workers_per_trial is not None:
+        raise BadInput("--local runs each trial in one process: drop --workers-per-trial")
+    workers = workers_per_trial(args)
+    if workers < 1:
+        raise BadInput(f"--workers-per-trial={workers}: must be at least 1")
+    if args.cpus_per_worker is not None and not 0 < args.cpus_per_worker < math.inf:
+        raise BadInput(f"--cpus-per-worker={args.cpus_per_worker}: must be positive")
+    if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial < math.inf:
+        raise BadInput(f"--gpus-per-trial={args.gpus_per_trial}: must be 0 or more")
+    if args.resume and args.overwrite:
+        raise BadInput("--resume and --overwrite exclude each other")
+    if args.resume and not args.name:
+        raise BadInput("--resume needs --name of the experiment to continue")
+
+    storage = Path(args.storage).resolve()
+    name = args.name or datetime.datetime.now(datetime.UTC).strftime("study-%Y%m%dT%H%M%SZ")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise BadInput(f"--name {name!r}: must be a plain folder name "
+                       "(letters, digits, '.', '_', '-'; not starting with '.' or '-')")
+    experiment_dir = storage / name
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.data_dir, "data.dir"), (args.num_samples, "search.num_samples"),
+                      (args.scheduler, "search.scheduler")):
+        if flag is not None:
+            overrides.append(f"{key}={json.dumps(flag)}")
+    if args.resume:
+        saved = experiment_dir / STUDY_JSON
+        if not saved.is_file():
+            raise BadInput(f"{experiment_dir}: no experiment to resume ({STUDY_JSON} missing)")
+        if overrides or args.config is not None:
+            raise BadInput("--resume continues with the experiment's own config: "
+                           "drop --config, --set and the flags that change it")
+        config = from_dict(json.loads(saved.read_text())["config"])
+    else:
+        if experiment_dir.exists() and not args.overwrite:
+            raise BadInput(f"{experiment_dir}: experiment exists; use --resume to continue it "
+                           "or --overwrite to replace it")
+        config = load_config(args.config or DEFAULT_CONFIG, overrides)
+        if config.peak_epoch_range[1] > config.train.epochs:
+            raise BadInput(f"train.epochs={config.train.epochs}: a study needs at least 2 "
+                           "epochs to search the peak epoch")
+        # Absolute, so that trials on other processes and the report find the data.
+        config = config.replace("data", dir=str(Path(config.data.dir).resolve()))
+    if config.train.batch_size % workers:
+        raise BadInput(f"train.batch_size={config.train.batch_size} (the global batch) does not "
+                       f"split evenly over --workers-per-trial={workers}")
+    check_storage(experiment_dir, config)
+    return Plan(config, experiment_dir, args.resume)
+
+
+def checkpoint_bytes(config: Config) -> int:
+    """Bytes of one trial checkpoint: the model's state and SGD's momentum, one per weight."""
+    model = build_model(config.model.name)
+    tensors = list(model.state_dict().values()) + list(model.parameters())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_storage(experiment_dir: Path, config: Config) -> None:
+    """Refuse a storage place the study could not finish in: not a writable folder, or with
+    less free space than every trial's kept checkpoints (a full disk mid-study loses trials)."""
+    existing = next(p for p in (experiment_dir, *experiment_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise BadInput(f"{existing}: not a folder, so it cannot hold the experiment")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise BadInput(f"{existing}: cannot write there ({err.strerror})") from None
+    search = config.search
+    each = checkpoint_bytes(config)
+    need = search.num_samples * search.num_to_keep * each
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise BadInput(f"{existing}: {free / 1e9:.2f} GB free, the study's checkpoints need "
+                       f"{need / 1e9:.2f} GB ({search.num_samples} trials x "
+                       f"{search.num_to_keep} kept x {each / 1e6:.0f} MB); free space or "
+                       "lower search.num_samples or search.num_to_keep")
+
+
+def this_machine() -> dict[str, float]:
+    """The resources the Ray this study starts will have (it is told them), known before it
+    starts, so that a trial too big for them is refused first."""
+    return {"CPU": float(len(os.sched_getaffinity(0))),
+            "GPU": float(torch.cuda.device_count())}
+
+
+def trial_resources(args: argparse.Namespace, cluster: dict[str, float]) -> Resources:
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if cluster.get("GPU", 0) and not args.local else 0.0
+    if gpus and not cluster.get("GPU", 0):
+        raise BadInput(f"--gpus-per-trial={gpus}: the cluster has no GPU")
+    if gpus > cluster.get("GPU", 0):
+        raise BadInput(f"--gpus-per-trial={gpus}: the cluster has only {cluster['GPU']:g} "
+                       "GPUs; the trial would wait forever")
+    workers = workers_per_trial(args)
+    if args.local:
+        cpus = 1.0
+    elif args.cpus_per_worker is None:
+        cpus = 1.0 - DRIVER_CPU / workers
+    else:
+        cpus = args.cpus_per_worker
+    resources = Resources(workers, cpus, gpus / workers, args.local)
+    for kind, need in resources.per_trial().items():
+        if need > cluster.get(kind, 0):
+            raise BadInput(f"one trial needs {need:g} {kind} ({resources.workers} workers) but "
+                           f"the cluster has {cluster.get(kind, 0):g}; the trial would wait "
+                           "forever")
+    return resources
+
+
+def trials_at_once(resources: Resources, cluster: dict[str, float], max_concurrent: int) -> int:
+    fits = min(math.floor(cluster.get(kind, 0) / need + 1e-9)
+               for kind, need in resources.per_trial().items() if need)
+    return min(fits, max_concurrent)
+
+
+def print_plan(plan: Plan, resources: Resources, at_once: int, estimate: float | None) -> None:
+    config = plan.config
+    print(json.dumps({
+        "experiment": str(plan.experiment_dir),
+        "config": to_dict(config),
+        "search_space": describe_space(config, estimate),
+        "trials": config.search.num_samples,
+        "resources_per_trial": resources.per_trial(),
+        "workers_per_trial": resources.workers,
+        "batch_size_per_worker": config.train.batch_size // resources.workers,
+        "path": "local (loop in the Tune trainable)" if resources.local else "TorchTrainer",
+        "max_concurrent": config.search.max_concurrent,
+        "trials_fitting_at_once": at_once,
+    }, indent=2))

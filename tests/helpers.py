@@ -1,0 +1,91 @@
+"""Helpers that more than one test module uses (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+
+from analysis.experiment import RESULTS_CSV
+from trainable.constants import MEAN_UINT8, REPO
+
+SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- augmentation: what the original's does to an image -------------------------------------
+
+def coordinate_image() -> np.ndarray:
+    """Every pixel tells where it came from (R: column, G: row); blue marks 'image, not fill'."""
+    rows, cols = np.mgrid[0:32, 0:32]
+    return np.stack([4 * cols + 2, 4 * rows + 2, np.full_like(rows, 250)], -1).astype(np.uint8)
+
+
+def explain(out: np.ndarray, source: np.ndarray):
+    """The (row offset, column offset, flipped, hole mask) under which `out` is `source` padded
+    by 4 with the mean, cropped at the offset, maybe flipped, with mean-coloured pixels covering
+    the hole; None if no crop explains it."""
+    padded = np.empty((40, 40, 3), np.uint8)
+    padded[:] = MEAN_UINT8
+    padded[4:36, 4:36] = source
+    for dy in range(9):
+        for dx in range(9):
+            for flipped in (False, True):
+                expected = padded[dy:dy + 32, dx:dx + 32]
+                expected = expected[:, ::-1] if flipped else expected
+                differs = (out != expected).any(-1)
+                if (out[differs] == MEAN_UINT8).all() and differs.sum() <= 64:
+                    return dy, dx, flipped, differs
+    return None
+
+
+# --- studies: python study/run.py on tiny synthetic data ---------------------------------
+
+RUN = [sys.executable, str(REPO / "study" / "run.py")]
+EPOCHS = 2
+
+
+def tiny(data_dir, *extra: str) -> list[str]:
+    """Seconds per trial: 32 training images in 2 batches, 16 validation images."""
+    return ["--config", str(REPO / "configs" / "smoke.yaml"), "--data-dir", str(data_dir),
+            "--set", "data.limit_train=32", "--set", "data.val_size=16",
+            "--set", "train.batch_size=16", "--set", f"train.epochs={EPOCHS}",
+            "--set", "lr_finder.num_iter=17", *extra]
+
+
+def study(ray_address, storage, name, data_dir, *extra, timeout=300):
+    """A --local study joined to the session's Ray, without its report."""
+    run = subprocess.run([*RUN, *tiny(data_dir, "--address", ray_address, "--local",
+                                      "--storage", str(storage), "--name", name,
+                                      "--no-report", *extra)],
+                         capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def results(experiment) -> pd.DataFrame:
+    return pd.read_csv(experiment / RESULTS_CSV)
+
+
+def reports(trial_dir) -> list[dict]:
+    """Every result Tune recorded for a trial, in order (result.json is appended to)."""
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()
+            if line.strip()]
+
+
+def trial_epochs(experiment) -> dict[str, list[int]]:
+    """Every epoch each trial reported, in order (an epoch run twice appears twice)."""
+    found = {}
+    for trial_dir in experiment.glob("trial_*"):
+        if (trial_dir / "result.json").exists():
+            found[trial_dir.name] = [r["epoch"] for r in reports(trial_dir)]
+    return found
