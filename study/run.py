@@ -138,7 +138,7 @@ def start_ray(args: argparse.Namespace):
 
 
 # Here, not in study.trial: every trial process imports that module, and torch-lr-finder
-# brings matplotlib (0.4 s a process).
+# brings matplotlib, slow to import (docs/performance.md).
 @ray.remote
 def remote_range_test(base: dict[str, Any], splits_ref: list) -> dict[str, Any]:
     """The LR range test as a Ray task with one trial worker's resources (so on a GPU node

@@ -18,8 +18,8 @@ from trainable.config import Config
 
 ORIGINAL_PEAK = (5, 20)  # the original's LR peaked at epoch 5 of 20
 # Tune saves the experiment's state (and flushes each trial's result.json) at most every 10 s
-# by default; a driver killed in between loses that much, and resumed trials redo it. Every
-# second costs a few ms per save here. The user's own setting wins.
+# by default; a driver killed in between loses that much, and resumed trials redo it. A save
+# is cheap (docs/performance.md). The user's own setting wins.
 TUNE_STATE_PERIOD = ("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 

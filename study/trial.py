@@ -27,9 +27,8 @@ from trainable.loop import train
 # CPUs the Tune trainable that drives a TorchTrainer holds; {"CPU": 0} is refused.
 DRIVER_CPU = 0.01
 # Ray Train's controller polls its workers every 2 s by default, and a trial waits for a poll
-# to start, to report and to end: at 0.25 s a 4-epoch trial took 15.5 s instead of 24.7 s.
-# Not 0.1 s, though it saved a 1-epoch trial another second: a trial then once ended in Tune
-# before its last epoch's report reached Tune (Train had run both epochs; Tune saw one).
+# to start, to report and to end. Not 0.1 s, though faster still: a trial then once ended in
+# Tune before its last epoch's report reached Tune. Figures: docs/performance.md.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 

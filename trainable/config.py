@@ -1,19 +1,23 @@
 """Frozen configuration dataclasses, loaded from YAML and checked before any work starts.
 
-Units and the reason for each default are in the YAML files under configs/; the bounds a
-value must respect live here, next to the field, as `metadata`.
+Units and the reason for each default are in the YAML files under configs/; the type and the
+bounds a value must respect live here, on the field, checked by pydantic: strict types (no 1
+for true, no 2.5 for an integer, no text for a number but YAML 1.1's 1e6), unknown keys
+refused, and every refusal reworded into one line naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic
 import yaml
+from pydantic import BeforeValidator, Field, Strict
+from pydantic.dataclasses import dataclass
 
 from trainable.constants import MODEL_NAMES, RESNET18
 
@@ -22,76 +26,85 @@ class ConfigError(ValueError):
     """A configuration value (or the YAML holding it) that cannot be used; one line."""
 
 
-def _bounded(default: Any, lo: float | None = None, hi: float | None = None,
-             choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices})
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 1e6 (no dot) as a string: read it as the number it is."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
 
 
-AUGMENT_ON = ("auto", "cpu", "gpu")
-SCHEDULERS = ("fifo", "asha")
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_number), Strict(), Field(allow_inf_nan=False)]
+Text = Annotated[str, Strict(), Field(min_length=1)]
+Flag = Annotated[bool, Strict()]
+SECTION = pydantic.ConfigDict(extra="forbid")
+
+AUGMENT_ON = Literal["auto", "cpu", "gpu"]
+SCHEDULERS = Literal["fifo", "asha"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class DataConfig:
-    dir: str = "data/cifar10"
-    val_size: int = _bounded(5000, lo=0)
-    split_seed: int = _bounded(0, lo=0)
-    limit_train: int = _bounded(0, lo=0)
-    limit_test: int = _bounded(0, lo=0)
-    num_workers: int | None = _bounded(None, lo=0)
-    augment_on: str = _bounded("auto", choices=AUGMENT_ON)
-    pad: int = _bounded(4, lo=0, hi=16)
-    cutout: int = _bounded(8, lo=0, hi=32)
+    dir: Text = "data/cifar10"
+    val_size: Annotated[Int, Field(ge=0)] = 5000
+    split_seed: Annotated[Int, Field(ge=0)] = 0
+    limit_train: Annotated[Int, Field(ge=0)] = 0
+    limit_test: Annotated[Int, Field(ge=0)] = 0
+    num_workers: Annotated[Int, Field(ge=0)] | None = None
+    augment_on: AUGMENT_ON = "auto"
+    pad: Annotated[Int, Field(ge=0, le=16)] = 4
+    cutout: Annotated[Int, Field(ge=0, le=32)] = 8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ModelConfig:
-    name: str = _bounded(RESNET18, choices=MODEL_NAMES)
+    name: Literal[MODEL_NAMES] = RESNET18
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class TrainConfig:
-    epochs: int = _bounded(20, lo=1)
-    batch_size: int = _bounded(512, lo=1)
-    max_lr: float = _bounded(0.1, lo=1e-8)
-    peak_epoch: int = _bounded(5, lo=1)
-    div_factor: float = _bounded(25.0, lo=1.0)
-    final_div_factor: float = _bounded(1e4, lo=1.0)
-    momentum: float = _bounded(0.9, lo=0.0, hi=0.999)
-    nesterov: bool = True
-    weight_decay: float = _bounded(5e-4, lo=0.0, hi=1.0)
-    label_smoothing: float = _bounded(0.0, lo=0.0, hi=0.5)
-    eval_flip_tta: bool = False
-    compile: bool = False
-    seed: int = _bounded(0, lo=0)
+    epochs: Annotated[Int, Field(ge=1)] = 20
+    batch_size: Annotated[Int, Field(ge=1)] = 512
+    max_lr: Annotated[Float, Field(ge=1e-8)] = 0.1
+    peak_epoch: Annotated[Int, Field(ge=1)] = 5
+    div_factor: Annotated[Float, Field(ge=1.0)] = 25.0
+    final_div_factor: Annotated[Float, Field(ge=1.0)] = 1e4
+    momentum: Annotated[Float, Field(ge=0.0, le=0.999)] = 0.9
+    nesterov: Flag = True
+    weight_decay: Annotated[Float, Field(ge=0.0, le=1.0)] = 5e-4
+    label_smoothing: Annotated[Float, Field(ge=0.0, le=0.5)] = 0.0
+    eval_flip_tta: Flag = False
+    compile: Flag = False
+    seed: Annotated[Int, Field(ge=0)] = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class LrFinderConfig:
-    start_lr: float = _bounded(1e-5, lo=1e-10)
-    end_lr: float = _bounded(10.0, lo=1e-8)
+    start_lr: Annotated[Float, Field(ge=1e-10)] = 1e-5
+    end_lr: Annotated[Float, Field(ge=1e-8)] = 10.0
     # torch-lr-finder needs 17 points for its smoothing to mean anything.
-    num_iter: int = _bounded(100, lo=17)
+    num_iter: Annotated[Int, Field(ge=17)] = 100
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class SearchConfig:
-    num_samples: int = _bounded(8, lo=1)
-    max_lr_range: tuple[float, float] = (0.5, 2.0)
-    peak_epoch_range: tuple[int, int] | None = None
-    scheduler: str = _bounded("fifo", choices=SCHEDULERS)
-    grace_period: int = _bounded(2, lo=1)
-    max_concurrent: int = _bounded(2, lo=1)
-    max_failures: int = _bounded(1, lo=0)
-    num_to_keep: int = _bounded(2, lo=1)
+    num_samples: Annotated[Int, Field(ge=1)] = 8
+    max_lr_range: tuple[Float, Float] = (0.5, 2.0)
+    peak_epoch_range: tuple[Int, Int] | None = None
+    scheduler: SCHEDULERS = "fifo"
+    grace_period: Annotated[Int, Field(ge=1)] = 2
+    max_concurrent: Annotated[Int, Field(ge=1)] = 2
+    max_failures: Annotated[Int, Field(ge=0)] = 1
+    num_to_keep: Annotated[Int, Field(ge=1)] = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ReportConfig:
-    num_misclassified: int = _bounded(20, lo=1, hi=100)
+    num_misclassified: Annotated[Int, Field(ge=1, le=100)] = 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -131,6 +144,10 @@ class Config:
                                     {f"{section}.{k}": v for k, v in values.items()}))
 
 
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+_VALIDATOR = pydantic.TypeAdapter(Config)
+
+
 def to_dict(config: Config) -> dict[str, Any]:
     """Plain dict (lists, not tuples) that YAML and JSON can hold and `from_dict` reads back."""
     return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(config))))
@@ -144,61 +161,37 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_value(where: str, hint: Any, value: Any, meta: typing.Mapping[str, Any]) -> Any:
-    """Return `value` converted to the field's type, or raise ConfigError naming `where`."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        inner = [h for h in typing.get_args(hint) if h is not type(None)]
-        return None if value is None else _check_value(where, inner[0], value, meta)
-    if origin is tuple:
-        item_types = typing.get_args(hint)
-        if not isinstance(value, list | tuple) or len(value) != len(item_types):
-            raise ConfigError(f"{where}: expected a list of {len(item_types)} numbers, "
-                              f"got {value!r}")
-        return tuple(_check_value(f"{where}[{i}]", t, v, {})
-                     for i, (t, v) in enumerate(zip(item_types, value, strict=True)))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    elif hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e6 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-    elif hint is str:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(meta['choices'])}")
-    if meta.get("lo") is not None and value < meta["lo"]:
-        raise ConfigError(f"{where}: {value!r} is below the minimum {meta['lo']}")
-    if meta.get("hi") is not None and value > meta["hi"]:
-        raise ConfigError(f"{where}: {value!r} is above the maximum {meta['hi']}")
-    return value
+def _one_line(error: dict[str, Any]) -> str:
+    """pydantic's first error as this project words it: the dotted key, then the problem."""
+    loc, kind, value, ctx = error["loc"], error["type"], error["input"], error.get("ctx", {})
+    if kind == "value_error":  # Config.__post_init__'s own check
+        return str(ctx["error"])
+    if kind == "unexpected_keyword_argument":
+        if len(loc) == 1:
+            return f"unknown config section {loc[0]!r} (known: {', '.join(_SECTIONS)})"
+        known = [f.name for f in dataclasses.fields(_SECTIONS[loc[0]])]
+        return f"unknown config key {loc[0]}.{loc[1]} (known: {', '.join(sorted(known))})"
+    where = ".".join(map(str, loc[:2])) + "".join(f"[{i}]" for i in loc[2:])
+    if kind in ("missing", "too_long", "tuple_type"):  # a pair of the wrong length or kind
+        return f"{'.'.join(map(str, loc[:2]))}: expected a list of 2 numbers, got {value!r}"
+    if kind == "literal_error":
+        return f"{where}: {value!r} is not one of {_choices(*loc[:2])}"
+    problems = {
+        "dataclass_type": f"expected a mapping, got {value!r}",
+        "int_type": f"expected an integer, got {value!r}",
+        "bool_type": f"expected true or false, got {value!r}",
+        "float_type": f"expected a number, got {value!r}",
+        "finite_number": f"expected a finite number, got {value!r}",
+        "string_type": f"expected a non-empty string, got {value!r}",
+        "string_too_short": f"expected a non-empty string, got {value!r}",
+        "greater_than_equal": f"{value!r} is below the minimum {ctx.get('ge')}",
+        "less_than_equal": f"{value!r} is above the maximum {ctx.get('le')}",
+    }
+    return f"{where}: {problems.get(kind, error['msg'])}"
 
 
-def _build_section(cls: type, where: str, raw: Any) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown config key {where}.{unknown[0]} "
-                          f"(known: {', '.join(sorted(known))})")
-    values = {name: _check_value(f"{where}.{name}", hints[name], raw[name], known[name].metadata)
-              for name in raw}
-    return cls(**values)
+def _choices(section: str, name: str) -> str:
+    return ", ".join(typing.get_args(typing.get_type_hints(_SECTIONS[section])[name]))
 
 
 def from_dict(raw: Any) -> Config:
@@ -206,13 +199,10 @@ def from_dict(raw: Any) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
-    hints = typing.get_type_hints(Config)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise ConfigError(f"unknown config section {unknown[0]!r} "
-                          f"(known: {', '.join(sorted(hints))})")
-    return Config(**{name: _build_section(hints[name], name, section)
-                     for name, section in raw.items()})
+    try:
+        return _VALIDATOR.validate_python(raw)
+    except pydantic.ValidationError as err:
+        raise ConfigError(_one_line(err.errors()[0])) from None
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
