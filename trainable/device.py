@@ -18,17 +18,17 @@ class Runtime:
 
     def loader_workers(self, configured: int | None) -> int:
         """DataLoader processes: as configured, or by default none on the CPU (the model needs
-        every core, and augmenting is >20x faster than training there) and all CPUs but the
-        feeding one on a GPU."""
+        every core, and augmenting is far faster than training there) and all CPUs but the
+        feeding one on a GPU. The rates behind this: docs/performance.md."""
         if configured is not None:
             return configured
         return max(1, self.cpus - 1) if self.device.type == "cuda" else 0
 
     def augments_on_device(self, configured: str) -> bool:
         """Whether training batches are augmented on the device (`data.augment_on`): as
-        configured, or by default (`auto`) on a GPU only. A GPU wants 20,000+ images/s and one
-        albumentations process gives ~3,000-4,600 here, while on a CPU the DataLoader path
-        already runs 35-86x faster than the model."""
+        configured, or by default (`auto`) on a GPU only. A GPU trains faster than a few
+        albumentations processes can feed it, while on a CPU the DataLoader path already runs
+        far faster than the model (the rates: docs/performance.md)."""
         return configured == "gpu" or (configured == "auto" and self.device.type == "cuda")
 
     def autocast(self) -> contextlib.AbstractContextManager:
