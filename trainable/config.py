@@ -2,8 +2,8 @@
 
 Units and the reason for each default are in the YAML files under configs/; the type and the
 bounds a value must respect live here, on the field, checked by pydantic: strict types (no 1
-for true, no 2.5 for an integer, no text for a number but YAML 1.1's 1e6), unknown keys
-refused, and every refusal reworded into one line naming the key.
+for true, no 2.5 for an integer; a float field reads text that is a number, as YAML 1.1 leaves
+1e6), unknown keys refused, and every refusal reworded into one line naming the key.
 """
 
 from __future__ import annotations
