@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -91,11 +92,24 @@ def _resume_from(checkpoint) -> Iterator[list[Path]]:
         yield restore_candidates(latest)
 
 
+def _newest_in_trial_folder() -> tune.Checkpoint | None:
+    """The newest checkpoint the trial persisted. Not `tune.get_checkpoint()`: that is the one
+    named by Tune's last saved state, and a driver killed after a report but before the next
+    save would make the trial run that report's epoch again. Tune names them
+    `checkpoint_<index>`, so that they sort by time."""
+    storage = tune.get_context().get_storage()
+    folder, filesystem = storage.trial_fs_path, storage.storage_filesystem
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    saved = sorted(info.base_name for info in found if info.type == pyarrow.fs.FileType.Directory
+                   and info.base_name.startswith("checkpoint_"))
+    return tune.Checkpoint(f"{folder}/{saved[-1]}", filesystem=filesystem) if saved else None
+
+
 def local_trial(params: dict[str, Any], *, base: dict[str, Any], splits_ref: list) -> None:
     """One trial run by the loop inside the Tune trainable: one process, no TorchTrainer."""
     config = trial_config(base, params)
     splits = ray.get(splits_ref[0])
-    with _resume_from(tune.get_checkpoint()) as resume_from:
+    with _resume_from(_newest_in_trial_folder()) as resume_from:
         train(config, splits, _report_to(tune.report, tune.Checkpoint), resume_from=resume_from)
 
 
