@@ -37,6 +37,7 @@ def _facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("epochs, batch size", f"{train['epochs']}, {train['batch_size']}"),
         ("model", best["config"]["model"]["name"]),
         ("LR range test estimate", f"{summary['lr_range_test']['suggested_lr']:.4g}"),
+        ("study wall time", _wall_time(summary["wall_time"])),
         ("trials", ", ".join(f"{n} {s.lower()}" for s, n in
                              summary["trials_by_status"].items())),
     ]
@@ -85,6 +86,25 @@ def write_index(out: Path, summary: dict[str, Any], table: pd.DataFrame,
 </body></html>
 """
     (out / "index.html").write_text(page)
+
+
+def duration(seconds: float) -> str:
+    """45 s, 12 min, 3 h 20 min, 4.2 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _wall_time(wall: dict[str, float | None]) -> str:
+    took = "not finished" if wall["actual_s"] is None else f"took {duration(wall['actual_s'])}"
+    if wall["estimated_s"] is None:
+        return took
+    return f"{took}; estimated before it started: {duration(wall['estimated_s'])}"
 
 
 def _fmt(value: Any) -> str:

@@ -122,6 +122,7 @@ class Study:
     runtime: Runtime
     evaluation: TestEvaluation  # the best model on the test set, once
     lr_finder: dict[str, Any]  # the range test's results
+    record: dict[str, Any]  # study.json: how the study ran, its cost estimate and wall time
 
     @property
     def val_name(self) -> str:
@@ -129,8 +130,8 @@ class Study:
 
 
 def _load_study(experiment_dir: Path, data_dir: str | None) -> Study:
-    study = _check_experiment(experiment_dir)
-    base = from_dict(study["config"])
+    record = _check_experiment(experiment_dir)
+    base = from_dict(record["config"])
     trials = load_trials(experiment_dir, base.train.epochs)
     table = trial_table(trials)
     best_row = best_trial(table)
@@ -152,7 +153,7 @@ def _load_study(experiment_dir: Path, data_dir: str | None) -> Study:
                                config.train.batch_size)
     lr_finder = json.loads((experiment_dir / LR_FINDER_JSON).read_text())
     return Study(experiment_dir, trials, table, best, best_row, state, config, splits, model,
-                 runtime, evaluation, lr_finder)
+                 runtime, evaluation, lr_finder, record)
 
 
 def _original_figures(study: Study, path: dict[str, Path]) -> list[int]:
@@ -220,6 +221,9 @@ def _summary(study: Study, importances: dict[str, float] | str,
         "per_class_accuracy": {c: float(a) for c, a in
                                zip(classes, evaluation.per_class_accuracy, strict=True)},
         "lr_range_test": {"suggested_lr": study.lr_finder["suggested_lr"]},
+        "wall_time": {"estimated_s": study.record.get("cost_estimate", {}).get("study_s"),
+                      "actual_s": study.record["wall_s"] if study.record.get("finished")
+                      else None},
         "trials_by_status": {k: int(v) for k, v in study.table["status"].value_counts().items()},
         "importances": importances,
         "figures": {key: name for key, (name, _) in FIGURES.items() if name in figure_files},

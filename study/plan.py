@@ -10,9 +10,11 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -159,12 +161,13 @@ def trials_at_once(resources: Resources, cluster: dict[str, float], max_concurre
     return min(fits, max_concurrent)
 
 
-def print_plan(plan: Plan, resources: Resources, at_once: int, estimate: float | None) -> None:
+def print_plan(plan: Plan, resources: Resources, at_once: int, cost: dict[str, Any]) -> None:
+    """The plan as JSON, with the cost estimate (`said`: as a study prints it)."""
     config = plan.config
     print(json.dumps({
         "experiment": str(plan.experiment_dir),
         "config": to_dict(config),
-        "search_space": describe_space(config, estimate),
+        "search_space": describe_space(config, None),
         "trials": config.search.num_samples,
         "resources_per_trial": resources.per_trial(),
         "workers_per_trial": resources.workers,
@@ -172,4 +175,18 @@ def print_plan(plan: Plan, resources: Resources, at_once: int, estimate: float |
         "path": "local (loop in the Tune trainable)" if resources.local else "TorchTrainer",
         "max_concurrent": config.search.max_concurrent,
         "trials_fitting_at_once": at_once,
+        "cost_estimate": cost,
     }, indent=2))
+
+
+def check_reachable(address: str) -> None:
+    """Refuse a host:port where nothing listens, at once (Ray itself would retry for a minute);
+    `auto` is left to Ray, which reads the address `ray start` recorded on this machine."""
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.removeprefix("ray://"), int(port)), timeout=5).close()
+    except OSError as err:
+        raise BadInput(f"--address {address}: cannot reach it ({err.strerror or err}); is "
+                       "`ray start --head` running there, and is the port open?") from None

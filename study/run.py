@@ -14,22 +14,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 import typing
 from importlib import metadata
 from typing import Any
 
 import ray
+from ray.job_config import JobConfig
 
 from analysis.experiment import LR_FINDER_JSON, LR_FINDER_PNG, STUDY_JSON, written_whole
 from analysis.figures import plot_lr_finder
 from analysis.report import build_report
 from analysis.results import best_trial, write_results
+from study import cost
 from study.plan import (
     BadInput,
     Plan,
+    check_reachable,
     print_plan,
     resolve,
     this_machine,
@@ -39,7 +44,7 @@ from study.plan import (
 from study.search import close_orphaned_optuna_trials, describe_space, make_tuner
 from study.trial import RAY_ENV, Resources, make_trainable
 from trainable.config import ConfigError, from_dict, to_dict
-from trainable.constants import ENDED, EXIT_BAD_INPUT, REPO
+from trainable.constants import ENDED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, REPO
 from trainable.data import DataError, Splits, load_splits
 from trainable.loop import steps_per_epoch
 from trainable.lr_range import range_test
@@ -126,15 +131,37 @@ def write_json(path, payload: dict[str, Any]) -> None:
         partial.write_text(json.dumps(payload, indent=2))
 
 
-def start_ray(args: argparse.Namespace):
-    if args.address:
+def start_ray(args: argparse.Namespace, name: str):
+    """A Ray of this study's own (never one a `ray start` left running), or the cluster at
+    --address; the dashboard's Jobs page names the job after the experiment."""
+    job = JobConfig(metadata={"job_name": name})
+    if not args.address:
+        os.environ.update(RAY_ENV)
+        machine = this_machine()
+        return ray.init(address="local", num_cpus=int(machine["CPU"]),
+                        num_gpus=int(machine["GPU"]), include_dashboard=True,
+                        dashboard_host=args.dashboard_host, log_to_driver=False, job_config=job)
+    check_reachable(args.address)
+    try:
         return ray.init(address=args.address, runtime_env={"env_vars": RAY_ENV},
-                        log_to_driver=False)
-    os.environ.update(RAY_ENV)
-    machine = this_machine()
-    return ray.init(num_cpus=int(machine["CPU"]), num_gpus=int(machine["GPU"]),
-                    include_dashboard=True, dashboard_host=args.dashboard_host,
-                    log_to_driver=False)
+                        log_to_driver=False, job_config=job)
+    except ray.exceptions.AuthenticationError:
+        raise BadInput(f"--address {args.address}: the cluster refused this driver's token; "
+                       "run `ray get-auth-token` on the head node and set RAY_AUTH_TOKEN to "
+                       "it here") from None
+    except ConnectionError as err:
+        raise BadInput(f"--address {args.address}: no Ray cluster answered "
+                       f"({str(err).splitlines()[0][:200]}); start one with "
+                       "`ray start --head`") from None
+
+
+def dashboard_line(url: str | None) -> str:
+    if not url:
+        return "Ray dashboard: not running"
+    if os.environ.get("RAY_AUTH_MODE") == "disabled":
+        return f"Ray dashboard: http://{url} (token authentication off: RAY_AUTH_MODE=disabled)"
+    return (f"Ray dashboard: http://{url} (it asks for the cluster's token: "
+            "`ray get-auth-token` prints it)")
 
 
 # Here, not in study.trial: every trial process imports that module, and torch-lr-finder
@@ -163,49 +190,81 @@ def range_test_results(plan: Plan, splits_ref: ray.ObjectRef,
     return found
 
 
+def resume_command(args: argparse.Namespace, plan: Plan) -> str:
+    """The command that continues this study, with the flags that say where it runs."""
+    command = ["python", "study/run.py", "--resume", "--name", plan.experiment_dir.name,
+               "--storage", str(plan.experiment_dir.parent)]
+    for flag in ("address", "workers_per_trial", "cpus_per_worker", "gpus_per_trial"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    command += ["--local"] * args.local + ["--no-report"] * args.no_report
+    return shlex.join(command)
+
+
+def interrupted(args: argparse.Namespace, plan: Plan, ended: int) -> int:
+    print(f"interrupted: {ended} of {plan.config.search.num_samples} trials ended. Continue "
+          f"with: {resume_command(args, plan)}", flush=True)
+    return EXIT_INTERRUPTED
+
+
 def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
-    context = start_ray(args)
+    started = time.monotonic()
+    context = start_ray(args, plan.experiment_dir.name)
     try:
         cluster = ray.cluster_resources()
         resources = trial_resources(args, cluster)
         at_once = trials_at_once(resources, cluster, plan.config.search.max_concurrent)
+        splits_ref = ray.put(splits)
+        estimate = cost.measure(plan.config, splits_ref, splits, resources, at_once)
+        said = cost.describe(estimate, plan.config, splits)
         if args.dry_run:
-            print_plan(plan, resources, at_once, None)
+            print_plan(plan, resources, at_once, {**estimate.to_dict(), "said": said})
             return 0
-        print(f"Ray dashboard: http://{context.dashboard_url}" if context.dashboard_url
-              else "Ray dashboard: not running", flush=True)
+        print("\n".join(said), flush=True)
+        print(dashboard_line(context.dashboard_url), flush=True)
+        saved = plan.experiment_dir / STUDY_JSON
+        earlier_s = json.loads(saved.read_text()).get("wall_s", 0.0) if plan.resume else 0.0
         if not plan.resume:
             if plan.experiment_dir.exists():  # --overwrite, checked in resolve()
                 shutil.rmtree(plan.experiment_dir)
             plan.experiment_dir.mkdir(parents=True)
-        study = study_record(args, plan, resources, splits)
-        write_json(plan.experiment_dir / STUDY_JSON, study)
+        study = {**study_record(args, plan, resources, splits),
+                 "cost_estimate": estimate.to_dict(), "wall_s": earlier_s}
+        write_json(saved, study)
 
-        splits_ref = ray.put(splits)
         found = range_test_results(plan, splits_ref, resources)
-        estimate = found["suggested_lr"]
-        print(f"LR range test estimate: {estimate:.4g}", flush=True)
-        write_json(plan.experiment_dir / STUDY_JSON, {
-            **study, "estimate": estimate, "search_space": describe_space(plan.config, estimate)})
+        print(f"LR range test estimate: {found['suggested_lr']:.4g}", flush=True)
+        study.update(estimate=found["suggested_lr"],
+                     search_space=describe_space(plan.config, found["suggested_lr"]))
+        write_json(saved, study)
 
         trainable = make_trainable(to_dict(plan.config), splits_ref, resources,
                                    plan.experiment_dir)
-        tuner = make_tuner(plan.config, plan.experiment_dir, plan.resume, trainable, estimate,
-                           resources.local)
+        tuner = make_tuner(plan.config, plan.experiment_dir, plan.resume, trainable,
+                           found["suggested_lr"], resources.local, [cost.TimeLeft(estimate)])
         tuner.fit()
         table = write_results(plan.experiment_dir, plan.config)
-        if len(table) == plan.config.search.num_samples and table["status"].isin(ENDED).all():
+        finished = len(table) == plan.config.search.num_samples and \
+            table["status"].isin(ENDED).all()
+        if finished:
             close_orphaned_optuna_trials(plan.experiment_dir)
+        # Summed over the driver's runs when resumed; the report shows it once finished.
+        write_json(saved, {**study, "wall_s": earlier_s + time.monotonic() - started,
+                           "finished": bool(finished)})
     finally:
         ray.shutdown()
     print(table.to_string(index=False), flush=True)
     best = best_trial(table)
+    so_far = "" if finished else " so far"
     if best is None:
-        print("no trial completed an epoch without diverging or failing", flush=True)
+        print(f"no trial{so_far} completed an epoch without diverging or failing", flush=True)
     else:
         scope = " (selected on the test set: data.val_size=0)" if splits.val_is_test else ""
-        print(f"best trial {best['trial_id']}: val_acc {best['best_val_acc']:.4f}{scope}, "
-              f"max_lr {best['max_lr']:.4g}, peak_epoch {int(best['peak_epoch'])}", flush=True)
+        print(f"best trial{so_far} {best['trial_id']}: val_acc {best['best_val_acc']:.4f}"
+              f"{scope}, max_lr {best['max_lr']:.4g}, peak_epoch {int(best['peak_epoch'])}",
+              flush=True)
+    if not finished:
+        return interrupted(args, plan, int(table["status"].isin(ENDED).sum()))
     if args.no_report or best is None:
         return 0
     report = build_report(plan.experiment_dir)
@@ -215,6 +274,7 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    plan = None
     try:
         plan = resolve(args)
         if not args.address:
@@ -225,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     except (BadInput, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # before the search, or before Tune took over Ctrl-C
+        if plan is not None and (plan.experiment_dir / STUDY_JSON).is_file():
+            return interrupted(args, plan, 0)
+        print("interrupted before the study started; nothing was written", flush=True)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def close_orphaned_optuna_trials(experiment_dir: Path) -> None:
 
 
 def make_tuner(config: Config, experiment_dir: Path, resume: bool, trainable, estimate: float,
-               local: bool) -> tune.Tuner:
+               local: bool, callbacks: list[tune.Callback]) -> tune.Tuner:
     """The Tuner of a new study, or of the one in `experiment_dir` when resuming it."""
     os.environ.setdefault(*TUNE_STATE_PERIOD)  # read by Tune's controller, in this process
     search = config.search
@@ -93,7 +93,7 @@ def make_tuner(config: Config, experiment_dir: Path, resume: bool, trainable, es
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=experiment_dir.name, storage_path=str(experiment_dir.parent),
-            stop=DivergenceStopper(),
+            stop=DivergenceStopper(), callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=search.num_to_keep, checkpoint_score_attribute=METRIC,
                 checkpoint_score_order=MODE),

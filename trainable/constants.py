@@ -10,6 +10,7 @@ DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 # Exit codes of every entry point (0: done).
 EXIT_BAD_INPUT = 2  # refused in one line before any work; nothing written
 EXIT_DIVERGED = 3  # `python -m trainable`: a loss went non-finite
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it): the study can be resumed
 
 # CIFAR-10's classes in label order (batches.meta of the official release).
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",

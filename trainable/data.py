@@ -3,14 +3,17 @@
 Sources, told apart by what the data directory holds:
   - the official python release (`cifar-10-batches-py/`, or its files directly in the directory);
   - an image-folder layout `train/<class>/*` and `test/<class>/*`;
-  - an empty directory: torchvision downloads the official release into it (needs a network).
+  - an empty or missing directory: torchvision downloads the official release into it (needs a
+    network; without one, one line says how to point at a copy).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,9 +184,9 @@ def load_splits(cfg: DataConfig) -> Splits:
     """Train, validation and test sets from `cfg.dir`, with the seeded stratified validation
     split carved from train, then the optional limits applied (both by `cfg.split_seed`)."""
     directory = Path(cfg.dir)
-    if not directory.is_dir():
-        raise DataError(f"{directory}: data directory does not exist")
-    if not any(directory.iterdir()):
+    if directory.exists() and not directory.is_dir():
+        raise DataError(f"{directory}: a file, not a data folder")
+    if not directory.exists() or not any(directory.iterdir()):
         download(directory)
 
     rng = np.random.default_rng(cfg.split_seed)
@@ -230,16 +233,37 @@ def load_splits(cfg: DataConfig) -> Splits:
 
 
 def download(directory: Path) -> None:
-    """Fetch the official release into the empty `directory`; leave it empty on failure."""
+    """Fetch the official release into `directory`, empty or missing (then made, with its
+    parents). On failure nothing it wrote is left: the folder is as empty as it was, or absent."""
     from torchvision.datasets import CIFAR10
 
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"{existing}: a file, so the data folder {directory} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{existing}: cannot write there, so CIFAR-10 cannot be downloaded into "
+                        f"{directory}")
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    made = missing[-1] if missing else None  # the topmost folder this makes
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"{directory}: cannot make the data folder ({err.strerror})") from None
+    print(f"downloading CIFAR-10 into {directory} ...", file=sys.stderr, flush=True)
     try:
         CIFAR10(root=str(directory), train=True, download=True)
     except Exception as err:  # noqa: BLE001 - any failure means: no data, say why
-        for child in directory.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        raise DataError(f"{directory}: directory is empty and CIFAR-10 could not be downloaded "
-                        f"({type(err).__name__}: {err})") from None
+        if made is not None:
+            shutil.rmtree(made)
+        else:
+            for child in directory.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) \
+            else type(err).__name__
+        raise DataError(f"{directory}: CIFAR-10 could not be downloaded ({reason}); without a "
+                        "network, point --data-dir at a copy: the python release "
+                        f"({PICKLE_FOLDER}/) or train/<class>/ and test/<class>/ image "
+                        "folders") from None
 
 
 # --- augmentation and loaders ----------------------------------------------------------------

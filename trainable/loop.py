@@ -251,7 +251,7 @@ class EpochTraining:
     lr: float  # the LR of the epoch's last step
 
 
-def _train_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
+def train_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, runtime: Runtime,
                  config: Config, epoch: int, progress: bool) -> EpochTraining:
     """One pass over this worker's training batches, an optimizer and a scheduler step each."""
@@ -354,7 +354,7 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
         return Outcome(TrialStatus.DIVERGED, module, history + [metrics], diverged_epoch=epoch)
 
     for epoch in range(first_epoch, t.epochs + 1):
-        trained = _train_epoch(model, train_batches, optimizer, scheduler, runtime, config,
+        trained = train_epoch(model, train_batches, optimizer, scheduler, runtime, config,
                                epoch, progress)
         if _any_worker(not math.isfinite(trained.loss), runtime.device):
             return diverge(epoch)

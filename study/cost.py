@@ -1,0 +1,124 @@
+"""What a study will cost: measured before the first trial, said plainly, kept up to date.
+
+A short Ray task, with one trial worker's resources (so on the device the trials get), times a
+few training steps of the configured model and batch; the rest is arithmetic on the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.experiment import Trial as TuneTrial
+
+from analysis.html import duration
+from study.trial import Resources
+from trainable.config import Config, from_dict, to_dict
+from trainable.data import DataError, Splits
+from trainable.loop import steps_per_epoch
+from trainable.speed import measure_speed
+
+# A trial's fixed seconds beyond its epochs (processes, Train's set-up, the model, the end),
+# per path: what study/bench.py measured on a 2-core CPU machine (docs/performance.md). Once
+# trials have ended, the time left comes from their own wall times instead.
+TRIAL_OVERHEAD_S = {"local": 2.0, "TorchTrainer": 15.0}
+# Past this, a study on CPUs only says plainly that it is long, and names smaller runs.
+LONG_S = 3600.0
+SMALLER_RUNS = ("--config configs/smoke.yaml", "--set data.limit_train=5000",
+                "--set train.epochs=5", "a smaller --num-samples")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    device: str  # where the trials' workers compute
+    workers: int  # per trial
+    images_per_s: float  # training, one trial (all its workers)
+    epoch_s: float  # one epoch: training and validation
+    overhead_s: float  # a trial's fixed seconds
+    trial_s: float  # one trial, every epoch
+    range_test_s: float
+    trials: int
+    at_once: int  # trials that fit at once
+    study_s: float  # the range test, then the trials, `at_once` at a time
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@ray.remote
+def _remote_speed(base: dict[str, Any], splits_ref: list, workers: int) -> dict[str, float]:
+    return measure_speed(from_dict(base), ray.get(splits_ref[0]).train, workers)
+
+
+def measure(config: Config, splits_ref: ray.ObjectRef, splits: Splits, resources: Resources,
+            at_once: int) -> Estimate:
+    """The study's cost, from a few steps timed with one worker's resources."""
+    bundle = resources.worker_bundle()
+    try:
+        speed = ray.get(_remote_speed.options(
+            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+        ).remote(to_dict(config), [splits_ref], resources.workers))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, DataError):  # say the data's problem, not Ray's traceback
+            raise err.cause from None
+        raise
+    t = config.train
+    images_per_s = speed["train_images_per_s"] * resources.workers
+    epoch_s = (steps_per_epoch(config, len(splits.train.labels)) * t.batch_size / images_per_s
+               + len(splits.val.labels) / (speed["eval_images_per_s"] * resources.workers))
+    overhead_s = TRIAL_OVERHEAD_S["local" if resources.local else "TorchTrainer"]
+    trial_s = t.epochs * epoch_s + overhead_s
+    # The range test runs on one worker at the global batch.
+    range_test_s = config.lr_finder.num_iter * t.batch_size / speed["train_images_per_s"]
+    trials = config.search.num_samples
+    study_s = range_test_s + math.ceil(trials / at_once) * trial_s
+    return Estimate(speed["device"], resources.workers, images_per_s, epoch_s, overhead_s,
+                    trial_s, range_test_s, trials, at_once, study_s)
+
+
+def describe(estimate: Estimate, config: Config, splits: Splits) -> list[str]:
+    """The estimate as printed, and a plain warning when it is long on CPUs only."""
+    workers = f"{estimate.workers} workers" if estimate.workers > 1 else "1 worker"
+    lines = [
+        f"cost estimate (a few steps timed on {estimate.device}, as a trial's workers get it):",
+        f"  training: {estimate.images_per_s:.0f} images/s a trial ({workers})",
+        f"  an epoch: about {duration(estimate.epoch_s)} ({len(splits.train.labels):,} images "
+        f"trained, {len(splits.val.labels):,} validated)",
+        f"  a trial:  about {duration(estimate.trial_s)} ({config.train.epochs} epochs + "
+        f"{duration(estimate.overhead_s)} to start and end)",
+        f"  the study: about {duration(estimate.study_s)} ({estimate.trials} trials, "
+        f"{estimate.at_once} at a time, after a range test of about "
+        f"{duration(estimate.range_test_s)})"]
+    if estimate.study_s > LONG_S and not estimate.device.startswith("cuda"):
+        lines.append(f"warning: this study will take about {duration(estimate.study_s)} here, "
+                     f"without a GPU; it runs as asked. Smaller: {', '.join(SMALLER_RUNS)}")
+    return lines
+
+
+class TimeLeft(tune.Callback):
+    """After each trial ends: how many have, and about how long the rest will take, from the
+    ended trials' own wall times (from the estimate until one has a time)."""
+
+    def __init__(self, estimate: Estimate):
+        self.estimate = estimate
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._report(trials, trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._report(trials, trial)
+
+    def _report(self, trials: list, trial) -> None:
+        ended = [t for t in trials
+                 if t is trial or t.status in (TuneTrial.TERMINATED, TuneTrial.ERROR)]
+        walls = [t.last_result["time_total_s"] for t in ended
+                 if (t.last_result or {}).get("time_total_s")]
+        each = statistics.median(walls) if walls else self.estimate.trial_s
+        left = math.ceil(max(self.estimate.trials - len(ended), 0) / self.estimate.at_once)
+        print(f"{len(ended)} of {self.estimate.trials} trials ended; about "
+              f"{duration(left * each)} left", flush=True)

@@ -1,0 +1,100 @@
+"""What a new user meets first: the data fetched (or one line saying how to point at a copy),
+the cost said before any trial, the way into the dashboard, and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
+
+from analysis.experiment import RESULTS_CSV, STUDY_JSON
+from study.run import dashboard_line
+from study.run import main as study_main
+
+from .helpers import REPO, RUN, free_port, study, tiny
+
+
+def offline() -> dict[str, str]:
+    """This environment with every URL fetch sent to a closed local port: no network."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    return {**os.environ, "NO_PROXY": "", "no_proxy": "",
+            **{name: closed for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                                         "https_proxy")}}
+
+
+def test_a_fresh_clone_offline_is_told_in_one_line_and_keeps_no_half_download(tmp_path):
+    # The README's first command in a fresh clone: the default config, data/cifar10 missing.
+    run = subprocess.run([*RUN, "--local", "--dry-run", "--storage", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=offline())
+    assert run.returncode == 2, run.stderr[-2000:]
+    error = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "CIFAR-10 could not be downloaded" in error[0]
+    assert "--data-dir" in error[0] and "cifar-10-batches-py/" in error[0]
+    assert "train/<class>/" in error[0]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "cifar").write_text("not a folder")
+    code = study_main(tiny(tmp_path / "cifar", "--storage", str(tmp_path / "runs")))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'cifar'}: a file, not a data folder\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_address_where_nothing_listens_is_refused_at_once(synthetic_dir, tmp_path, capsys):
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    code = study_main(tiny(synthetic_dir, "--address", address, "--storage", str(tmp_path)))
+    assert code == 2 and time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --address {address}: cannot reach it") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_dashboard_line_says_how_to_sign_in(monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert "`ray get-auth-token` prints it" in dashboard_line("127.0.0.1:8265")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert "RAY_AUTH_MODE=disabled" in dashboard_line("127.0.0.1:8265")
+
+
+def test_the_cost_is_said_before_the_trials_and_is_near_their_time(ray_address, synthetic_dir,
+                                                                   tmp_path):
+    run = study(ray_address, tmp_path, "cost", synthetic_dir, "--num-samples", "2")
+    lines = run.stdout.splitlines()
+    said = next(i for i, line in enumerate(lines) if line.startswith("cost estimate "))
+    assert lines[said + 4].startswith("  the study: about ")
+    assert said < next(i for i, line in enumerate(lines) if "LR range test estimate" in line)
+    assert any(line.startswith("Ray dashboard: http://") for line in lines)
+    assert sum("of 2 trials ended; about" in line for line in lines) == 2
+    estimate = json.loads((tmp_path / "cost" / STUDY_JSON).read_text())["cost_estimate"]
+    trial_s = pd.read_csv(tmp_path / "cost" / RESULTS_CSV)["wall_s"]
+    print(f"estimated {estimate['trial_s']:.1f} s a trial, measured {list(trial_s)}")
+    assert all(0.5 <= estimate["trial_s"] / measured <= 2 for measured in trial_s)
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(ray_address, synthetic_dir, tmp_path):
+    command = [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--local", "--storage",
+                           str(tmp_path), "--name", "cut", "--num-samples", "4",
+                           "--set", "search.max_concurrent=1", "--no-report")]
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "cut").glob("trial_*/result.json")):
+        assert driver.poll() is None and time.monotonic() < deadline, "no trial reported"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out[-3000:]
+    assert "interrupted: " in out
+    assert (f"python study/run.py --resume --name cut --storage {tmp_path} --address "
+            f"{ray_address} --local --no-report") in out
+    assert not any(line.startswith("best trial ") and " so far " not in line
+                   for line in out.splitlines())
