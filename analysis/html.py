@@ -37,7 +37,7 @@ def _facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("epochs, batch size", f"{train['epochs']}, {train['batch_size']}"),
         ("model", best["config"]["model"]["name"]),
         ("LR range test estimate", f"{summary['lr_range_test']['suggested_lr']:.4g}"),
-        ("study wall time", _wall_time(summary["wall_time"])),
+        ("search wall time", _wall_time(summary["wall_time"])),
         ("trials", ", ".join(f"{n} {s.lower()}" for s, n in
                              summary["trials_by_status"].items())),
     ]

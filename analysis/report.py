@@ -221,6 +221,7 @@ def _summary(study: Study, importances: dict[str, float] | str,
         "per_class_accuracy": {c: float(a) for c, a in
                                zip(classes, evaluation.per_class_accuracy, strict=True)},
         "lr_range_test": {"suggested_lr": study.lr_finder["suggested_lr"]},
+        # The search (range test and trials): as estimated before it, and as it took.
         "wall_time": {"estimated_s": study.record.get("cost_estimate", {}).get("study_s"),
                       "actual_s": study.record["wall_s"] if study.record.get("finished")
                       else None},

@@ -24,9 +24,10 @@ from trainable.loop import steps_per_epoch
 from trainable.speed import measure_speed
 
 # A trial's fixed seconds beyond its epochs (processes, Train's set-up, the model, the end),
-# per path: what study/bench.py measured on a 2-core CPU machine (docs/performance.md). Once
-# trials have ended, the time left comes from their own wall times instead.
-TRIAL_OVERHEAD_S = {"local": 2.0, "TorchTrainer": 15.0}
+# per path: the slower of what study/bench.py measured on 2-core CPU machines
+# (docs/performance.md). Once trials have ended, the time left comes from their own times.
+TRIAL_OVERHEAD_S = {"local": 2.0, "TorchTrainer": 30.0}
+PROBES = 4  # speed probes run at once, at most
 # Past this, a study on CPUs only says plainly that it is long, and names smaller runs.
 LONG_S = 3600.0
 SMALLER_RUNS = ("--config configs/smoke.yaml", "--set data.limit_train=5000",
@@ -59,14 +60,19 @@ def measure(config: Config, splits_ref: ray.ObjectRef, splits: Splits, resources
             at_once: int) -> Estimate:
     """The study's cost, from a few steps timed with one worker's resources."""
     bundle = resources.worker_bundle()
+    task = _remote_speed.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0))
     try:
-        speed = ray.get(_remote_speed.options(
-            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-        ).remote(to_dict(config), [splits_ref], resources.workers))
+        # As many at once as the trials' workers will run at once (up to PROBES): workers
+        # sharing a machine or a GPU slow each other down, and the estimate should say so.
+        probes = ray.get([task.remote(to_dict(config), [splits_ref], resources.workers)
+                          for _ in range(min(at_once * resources.workers, PROBES))])
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, DataError):  # say the data's problem, not Ray's traceback
             raise err.cause from None
         raise
+    speed = {key: statistics.median(p[key] for p in probes)
+             for key in ("train_images_per_s", "eval_images_per_s")}
+    speed["device"] = probes[0]["device"]
     t = config.train
     images_per_s = speed["train_images_per_s"] * resources.workers
     epoch_s = (steps_per_epoch(config, len(splits.train.labels)) * t.batch_size / images_per_s

@@ -10,7 +10,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,16 +176,3 @@ def print_plan(plan: Plan, resources: Resources, at_once: int, cost: dict[str, A
         "trials_fitting_at_once": at_once,
         "cost_estimate": cost,
     }, indent=2))
-
-
-def check_reachable(address: str) -> None:
-    """Refuse a host:port where nothing listens, at once (Ray itself would retry for a minute);
-    `auto` is left to Ray, which reads the address `ray start` recorded on this machine."""
-    host, sep, port = address.rpartition(":")
-    if address == "auto" or not sep or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.removeprefix("ray://"), int(port)), timeout=5).close()
-    except OSError as err:
-        raise BadInput(f"--address {address}: cannot reach it ({err.strerror or err}); is "
-                       "`ray start --head` running there, and is the port open?") from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -24,17 +23,16 @@ from importlib import metadata
 from typing import Any
 
 import ray
-from ray.job_config import JobConfig
 
 from analysis.experiment import LR_FINDER_JSON, LR_FINDER_PNG, STUDY_JSON, written_whole
 from analysis.figures import plot_lr_finder
 from analysis.report import build_report
 from analysis.results import best_trial, write_results
 from study import cost
+from study.cluster import dashboard_line, start_ray
 from study.plan import (
     BadInput,
     Plan,
-    check_reachable,
     print_plan,
     resolve,
     this_machine,
@@ -42,7 +40,7 @@ from study.plan import (
     trials_at_once,
 )
 from study.search import close_orphaned_optuna_trials, describe_space, make_tuner
-from study.trial import RAY_ENV, Resources, make_trainable
+from study.trial import Resources, make_trainable
 from trainable.config import ConfigError, from_dict, to_dict
 from trainable.constants import ENDED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, REPO
 from trainable.data import DataError, Splits, load_splits
@@ -131,39 +129,6 @@ def write_json(path, payload: dict[str, Any]) -> None:
         partial.write_text(json.dumps(payload, indent=2))
 
 
-def start_ray(args: argparse.Namespace, name: str):
-    """A Ray of this study's own (never one a `ray start` left running), or the cluster at
-    --address; the dashboard's Jobs page names the job after the experiment."""
-    job = JobConfig(metadata={"job_name": name})
-    if not args.address:
-        os.environ.update(RAY_ENV)
-        machine = this_machine()
-        return ray.init(address="local", num_cpus=int(machine["CPU"]),
-                        num_gpus=int(machine["GPU"]), include_dashboard=True,
-                        dashboard_host=args.dashboard_host, log_to_driver=False, job_config=job)
-    check_reachable(args.address)
-    try:
-        return ray.init(address=args.address, runtime_env={"env_vars": RAY_ENV},
-                        log_to_driver=False, job_config=job)
-    except ray.exceptions.AuthenticationError:
-        raise BadInput(f"--address {args.address}: the cluster refused this driver's token; "
-                       "run `ray get-auth-token` on the head node and set RAY_AUTH_TOKEN to "
-                       "it here") from None
-    except ConnectionError as err:
-        raise BadInput(f"--address {args.address}: no Ray cluster answered "
-                       f"({str(err).splitlines()[0][:200]}); start one with "
-                       "`ray start --head`") from None
-
-
-def dashboard_line(url: str | None) -> str:
-    if not url:
-        return "Ray dashboard: not running"
-    if os.environ.get("RAY_AUTH_MODE") == "disabled":
-        return f"Ray dashboard: http://{url} (token authentication off: RAY_AUTH_MODE=disabled)"
-    return (f"Ray dashboard: http://{url} (it asks for the cluster's token: "
-            "`ray get-auth-token` prints it)")
-
-
 # Here, not in study.trial: every trial process imports that module, and torch-lr-finder
 # brings matplotlib, slow to import (docs/performance.md).
 @ray.remote
@@ -208,7 +173,6 @@ def interrupted(args: argparse.Namespace, plan: Plan, ended: int) -> int:
 
 
 def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
-    started = time.monotonic()
     context = start_ray(args, plan.experiment_dir.name)
     try:
         cluster = ray.cluster_resources()
@@ -232,6 +196,7 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
                  "cost_estimate": estimate.to_dict(), "wall_s": earlier_s}
         write_json(saved, study)
 
+        started = time.monotonic()  # the search: what the estimate's study_s covers
         found = range_test_results(plan, splits_ref, resources)
         print(f"LR range test estimate: {found['suggested_lr']:.4g}", flush=True)
         study.update(estimate=found["suggested_lr"],
@@ -248,7 +213,7 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
             table["status"].isin(ENDED).all()
         if finished:
             close_orphaned_optuna_trials(plan.experiment_dir)
-        # Summed over the driver's runs when resumed; the report shows it once finished.
+        # The search's wall time, summed over the driver's runs when resumed.
         write_json(saved, {**study, "wall_s": earlier_s + time.monotonic() - started,
                            "finished": bool(finished)})
     finally:

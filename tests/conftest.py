@@ -16,7 +16,7 @@ from trainable.config import Config, load_config
 from trainable.constants import REPO
 from trainable.synthetic import write_dataset
 
-from .helpers import free_port, study
+from .helpers import free_port, offline_env, study
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -41,6 +41,13 @@ def tiny_config(synthetic_dir) -> Config:
         f"data.dir={synthetic_dir}", "data.limit_train=64", "data.val_size=16",
         "data.limit_test=32", "train.batch_size=16", "train.epochs=3", "train.peak_epoch=1",
     ])
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network for this process: a CIFAR-10 download fails at once."""
+    for name, value in offline_env().items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def offline_env() -> dict[str, str]:
+    """Proxy settings that send every URL fetch to a closed local port: no network."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    return {"NO_PROXY": "", "no_proxy": "",
+            **{name: closed for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                                         "https_proxy")}}
+
+
 # --- augmentation: what the original's does to an image -------------------------------------
 
 def coordinate_image() -> np.ndarray:

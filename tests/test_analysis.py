@@ -107,6 +107,10 @@ def test_index_html_shows_every_figure_and_the_trial_table(finished, report):
     for trial_id in results(experiment)["trial_id"]:
         assert f"<td>{trial_id}</td>" in page
     assert len(re.findall(r"<figcaption>", page)) == len(sources)
+    # The search's cost: as estimated before it, beside what it took.
+    wall = summary["wall_time"]
+    assert wall["estimated_s"] > 0 and wall["actual_s"] > 0
+    assert "search wall time" in page and "estimated before it started" in page
 
 
 def test_a_second_run_gives_the_same_summary(finished, report):

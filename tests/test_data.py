@@ -84,9 +84,17 @@ def snapshot(root):
     return sorted((p, p.stat().st_size) for p in root.rglob("*"))
 
 
-def test_missing_directory(tmp_path):
-    with pytest.raises(DataError, match=f"{tmp_path / 'nope'}: data directory does not exist"):
-        load_splits(data_config(tmp_path / "nope"))
+def test_a_missing_directory_is_downloaded_into_or_left_absent(tmp_path, offline):
+    missing = tmp_path / "nope" / "cifar10"
+    with pytest.raises(DataError, match=f"{missing}: CIFAR-10 could not be downloaded"):
+        load_splits(data_config(missing))
+    assert list(tmp_path.iterdir()) == []  # not even the folders it made
+
+
+def test_a_file_is_not_a_data_directory(tmp_path):
+    (tmp_path / "cifar10").write_text("")
+    with pytest.raises(DataError, match="cifar10: a file, not a data folder"):
+        load_splits(data_config(tmp_path / "cifar10"))
 
 
 def test_directory_without_data(tmp_path):

@@ -12,25 +12,17 @@ import time
 import pandas as pd
 
 from analysis.experiment import RESULTS_CSV, STUDY_JSON
-from study.run import dashboard_line
+from study.cluster import dashboard_line
 from study.run import main as study_main
 
-from .helpers import REPO, RUN, free_port, study, tiny
-
-
-def offline() -> dict[str, str]:
-    """This environment with every URL fetch sent to a closed local port: no network."""
-    closed = f"http://127.0.0.1:{free_port()}"
-    return {**os.environ, "NO_PROXY": "", "no_proxy": "",
-            **{name: closed for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
-                                         "https_proxy")}}
+from .helpers import REPO, RUN, free_port, offline_env, study, tiny
 
 
 def test_a_fresh_clone_offline_is_told_in_one_line_and_keeps_no_half_download(tmp_path):
     # The README's first command in a fresh clone: the default config, data/cifar10 missing.
     run = subprocess.run([*RUN, "--local", "--dry-run", "--storage", str(tmp_path / "runs")],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                         env=offline())
+                         env={**os.environ, **offline_env()})
     assert run.returncode == 2, run.stderr[-2000:]
     error = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "CIFAR-10 could not be downloaded" in error[0]

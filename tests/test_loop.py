@@ -172,9 +172,12 @@ def test_cli_refuses_bad_input_with_one_line_and_exit_2(synthetic_dir, capsys, e
     assert message in err and err.count("\n") == 1
 
 
-def test_cli_refuses_a_missing_data_directory(tmp_path, capsys):
+def test_cli_offline_with_a_missing_data_directory_says_so_in_one_line(tmp_path, capsys,
+                                                                      offline):
     assert trainable_main(smoke_args(tmp_path / "missing")) == 2
-    assert "data directory does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing: CIFAR-10 could not be downloaded" in err and err.count("\n") == 1
+    assert not (tmp_path / "missing").exists()
 
 
 def test_cli_will_not_overwrite_saved_weights(synthetic_dir, tmp_path, capsys):

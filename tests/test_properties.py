@@ -91,7 +91,7 @@ def storage_root():
 @FAST
 @given(argv=st.lists(flags, max_size=5).map(lambda parts: [a for part in parts for a in part]))
 def test_any_command_line_starts_a_valid_study_or_is_refused_in_one_line(
-        argv, synthetic_dir, storage_root, monkeypatch, capsys):
+        argv, synthetic_dir, storage_root, monkeypatch, capsys, offline):
     started = []
     monkeypatch.setattr(study.run, "run", lambda args, plan, splits: started.append(plan) or 0)
     storage = storage_root / "runs"

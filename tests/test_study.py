@@ -108,7 +108,7 @@ def test_asha_on_the_torch_trainer_path_ends_and_its_stopped_trials_train_no_fur
         dashboard = None
         for line in driver.stdout:
             if line.startswith("Ray dashboard: http://"):
-                dashboard = line.split(": ", 1)[1].strip()
+                dashboard = line.split(": ", 1)[1].split()[0]  # then how to sign in
                 break
         assert dashboard is not None and dashboard.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(f"{dashboard}/api/version", timeout=10) as response:
@@ -154,12 +154,12 @@ def test_asha_on_the_torch_trainer_path_ends_and_its_stopped_trials_train_no_fur
     (["--set", "data.limit_train=15"], "15 training images make no full batch of "
                                        "train.batch_size=16"),
     (["--scheduler", "pbt"], "search.scheduler: 'pbt' is not one of fifo, asha"),
-    (["--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar: data directory does not exist"),
+    (["--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar: CIFAR-10 could not be downloaded"),
     (["--resume", "--name", "never-ran"], "no experiment to resume"),
     (["--set", "train.max_lrr=1"], "unknown config key train.max_lrr"),
 ])
-def test_bad_input_is_refused_before_ray_starts(synthetic_dir, tmp_path, capsys, extra,
-                                                message):
+def test_bad_input_is_refused_before_ray_starts(synthetic_dir, tmp_path, capsys, offline,
+                                                extra, message):
     import ray
 
     code = study_main(tiny(synthetic_dir, "--storage", str(tmp_path / "runs"), *extra))

@@ -13,7 +13,6 @@ import os
 import pickle
 import random
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,6 +231,12 @@ def load_splits(cfg: DataConfig) -> Splits:
     )
 
 
+def _not_downloaded(directory: Path, reason: str) -> DataError:
+    return DataError(f"{directory}: CIFAR-10 could not be downloaded ({reason}); point "
+                     f"--data-dir at a copy instead: the python release ({PICKLE_FOLDER}/) or "
+                     "train/<class>/ and test/<class>/ image folders")
+
+
 def download(directory: Path) -> None:
     """Fetch the official release into `directory`, empty or missing (then made, with its
     parents). On failure nothing it wrote is left: the folder is as empty as it was, or absent."""
@@ -239,17 +244,16 @@ def download(directory: Path) -> None:
 
     existing = next(p for p in (directory, *directory.parents) if p.exists())
     if not existing.is_dir():
-        raise DataError(f"{existing}: a file, so the data folder {directory} cannot be made")
+        raise _not_downloaded(directory, f"{existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"{existing}: cannot write there, so CIFAR-10 cannot be downloaded into "
-                        f"{directory}")
+        raise _not_downloaded(directory, f"{existing} cannot be written")
     missing = [p for p in (directory, *directory.parents) if not p.exists()]
     made = missing[-1] if missing else None  # the topmost folder this makes
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DataError(f"{directory}: cannot make the data folder ({err.strerror})") from None
-    print(f"downloading CIFAR-10 into {directory} ...", file=sys.stderr, flush=True)
+        raise _not_downloaded(directory, f"the folder cannot be made: {err.strerror}") from None
+    print(f"downloading CIFAR-10 into {directory} ...", flush=True)
     try:
         CIFAR10(root=str(directory), train=True, download=True)
     except Exception as err:  # noqa: BLE001 - any failure means: no data, say why
@@ -258,12 +262,8 @@ def download(directory: Path) -> None:
         else:
             for child in directory.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if str(err) \
-            else type(err).__name__
-        raise DataError(f"{directory}: CIFAR-10 could not be downloaded ({reason}); without a "
-                        "network, point --data-dir at a copy: the python release "
-                        f"({PICKLE_FOLDER}/) or train/<class>/ and test/<class>/ image "
-                        "folders") from None
+        said = str(err).splitlines()[0][:200] if str(err) else ""
+        raise _not_downloaded(directory, f"{type(err).__name__}: {said}".rstrip(": ")) from None
 
 
 # --- augmentation and loaders ----------------------------------------------------------------
