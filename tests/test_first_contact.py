@@ -3,6 +3,7 @@ the cost said before any trial, the way into the dashboard, and Ctrl-C."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,9 @@ import pandas as pd
 
 from analysis.experiment import RESULTS_CSV, STUDY_JSON
 from study.cluster import dashboard_line
+from study.cost import Estimate, describe
 from study.run import main as study_main
+from trainable.data import load_splits
 
 from .helpers import REPO, RUN, free_port, offline_env, study, tiny
 
@@ -55,6 +58,20 @@ def test_the_dashboard_line_says_how_to_sign_in(monkeypatch):
     assert "`ray get-auth-token` prints it" in dashboard_line("127.0.0.1:8265")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert "RAY_AUTH_MODE=disabled" in dashboard_line("127.0.0.1:8265")
+
+
+def test_a_long_study_without_a_gpu_says_so_and_names_smaller_runs(smoke_config):
+    splits = load_splits(smoke_config.data)
+    long = Estimate(device="cpu", workers=1, images_per_s=50.0, epoch_s=900.0, overhead_s=30.0,
+                    trial_s=18030.0, range_test_s=60.0, trials=8, at_once=2, study_s=72180.0)
+    said = describe(long, smoke_config, splits)
+    assert said[-1].startswith("warning: this study will take about 20 h 3 min here, without a "
+                               "GPU; it runs as asked")
+    assert "configs/smoke.yaml" in said[-1] and "data.limit_train" in said[-1]
+    assert not describe(dataclasses.replace(long, device="cuda:0"), smoke_config,
+                        splits)[-1].startswith("warning")
+    assert not describe(dataclasses.replace(long, study_s=1800.0), smoke_config,
+                        splits)[-1].startswith("warning")
 
 
 def test_the_cost_is_said_before_the_trials_and_is_near_their_time(ray_address, synthetic_dir,
