@@ -103,7 +103,7 @@ def test_asha_on_the_torch_trainer_path_ends_and_its_stopped_trials_train_no_fur
                      "--set", "search.grace_period=1", "--set", "data.val_size=48",
                      # wide, so that trials differ at the rung and ASHA stops some
                      "--set", "search.max_lr_range=[0.05, 20]")],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         dashboard = None
         for line in driver.stdout:
@@ -111,7 +111,10 @@ def test_asha_on_the_torch_trainer_path_ends_and_its_stopped_trials_train_no_fur
                 dashboard = line.split(": ", 1)[1].split()[0]  # then how to sign in
                 break
         assert dashboard is not None and dashboard.startswith("http://127.0.0.1:")
-        with urllib.request.urlopen(f"{dashboard}/api/version", timeout=10) as response:
+        # Not `urlopen`: its opener is built once per process, with the proxies of that
+        # moment, and the offline tests' (a closed port) would still be in it.
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with direct.open(f"{dashboard}/api/version", timeout=10) as response:
             assert response.status == 200 and "ray_version" in json.loads(response.read())
         rest, _ = driver.communicate(timeout=420)
         assert driver.returncode == 0, rest[-3000:]
