@@ -5,6 +5,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 
 LR_FINDER_JSON = "lr_finder.json"  # the range test: suggested_lr, lrs, losses, settings
@@ -13,10 +14,18 @@ STUDY_JSON = "study.json"  # resolved config, search space, estimate, seeds, ver
 RESULTS_CSV = "results.csv"  # one row per trial
 OPTUNA_DB = "optuna.db"  # the Optuna study (SQLite): optuna-dashboard sqlite:///.../optuna.db
 TRAIN_RUNS = "train"  # Ray Train runs of the TorchTrainer path: train/train-<trial id>/
+CONFIRM_DIR = "confirm"  # the confirmation runs' own Tune experiment (--confirm-seeds)
 REPORT_DIR = "report"  # what `python -m analysis` writes
 
 METRIC, MODE = "val_acc", "max"  # what the study maximises, and which checkpoints it keeps
 SEARCHED = ("max_lr", "peak_epoch")  # TrainConfig fields the search sets per trial
+
+
+class Role(StrEnum):
+    """What a trial was for, in results.csv."""
+
+    SEARCH = "search"  # suggested by the search
+    CONFIRM = "confirm"  # a search trial's config again, with another seed
 
 
 def optuna_url(experiment_dir) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -14,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 
+from analysis.experiment import SEARCHED, Role  # noqa: E402
 from trainable.constants import TrialStatus  # noqa: E402
 
 DPI = 110
@@ -148,23 +150,33 @@ def plot_trials(histories: dict[str, pd.DataFrame], statuses: dict[str, str], be
     _save(fig, path)
 
 
-def plot_search_space(table: pd.DataFrame, estimate: float, best: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5))
-    shown = ax.scatter(table["max_lr"], table["peak_epoch"], c=table["best_val_acc"],
-                       cmap="viridis", s=80, edgecolors="black")
-    fig.colorbar(shown, ax=ax, label="best val_acc")
-    best_row = table[table["trial_id"] == best]
-    ax.scatter(best_row["max_lr"], best_row["peak_epoch"], s=250, facecolors="none",
-               edgecolors=BEST_COLOUR, linewidths=2, label=f"best: {best}")
-    ax.axvline(estimate, color=BEST_COLOUR, linestyle="--",
-               label=f"LR range test estimate: {estimate:.3g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("max_lr")
-    ax.set_ylabel("peak_epoch")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("The searched space: every trial")
-    ax.grid(alpha=0.3)
-    ax.legend()
+def plot_search_space(table: pd.DataFrame, estimate: float, best: str, space: dict[str, Any],
+                      confirmation: dict[str, Any] | None, path: Path) -> None:
+    """Best accuracy against each searched setting: the range searched shaded, every search
+    trial a dot, the best ringed; confirmed configs as mean +- standard deviation."""
+    search = table[table["role"] == Role.SEARCH]
+    ranges = {"max_lr": space["max_lr"]["range"], "peak_epoch": space["peak_epoch"]["range"]}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, setting in zip(axes, SEARCHED, strict=True):
+        ax.axvspan(*ranges[setting], color="tab:blue", alpha=0.08, label="range searched")
+        ax.scatter(search[setting], search["best_val_acc"], color=OTHER_COLOUR, s=40,
+                   edgecolors="black", zorder=3, label="search trial")
+        best_row = search[search["trial_id"] == best]
+        ax.scatter(best_row[setting], best_row["best_val_acc"], s=200, facecolors="none",
+                   edgecolors=BEST_COLOUR, linewidths=2, zorder=4, label=f"best: {best}")
+        for i, config in enumerate((confirmation or {}).get("configs", [])):
+            ax.errorbar(config[setting], config["mean"], yerr=config["std"], fmt="D",
+                        color="tab:orange", capsize=5, zorder=5,
+                        label="confirmed: mean +- sd over seeds" if i == 0 else None)
+        ax.set_xlabel(setting)
+        ax.grid(alpha=0.3)
+    axes[0].axvline(estimate, color=BEST_COLOUR, linestyle="--",
+                    label=f"LR range test estimate: {estimate:.3g}")
+    axes[0].set_xscale("log")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylabel("best val_acc")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("The searched space: every trial, and the confirmed configs' seed spread")
     _save(fig, path)
 
 

@@ -43,6 +43,29 @@ def _facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _trust(trust: dict[str, Any]) -> str:
+    """The edge check's warnings, and the confirmed configs' seed spread with its verdict."""
+    esc = html.escape
+    edge = trust["edge_check"]
+    parts = [f'<p class="warning">warning: {esc(w)}</p>' for w in edge["warnings"]] or [
+        f"<p>The best trial lies inside the space searched (max_lr at "
+        f"{edge['max_lr_position']:.0%} of its log range).</p>"]
+    spread = trust["confirmation"]
+    if spread is None:
+        parts.append("<p>No confirmation runs (<code>--confirm-seeds</code>): how much a "
+                     "second seed changes the ranking is not known.</p>")
+        return "".join(parts)
+    rows = "".join(
+        f"<tr><td>{esc(c['trial_id'])}</td><td>{c['max_lr']:.4g}</td><td>{c['peak_epoch']}</td>"
+        f"<td>{esc(', '.join(map(str, c['seeds'])))}</td><td>{_fmt(c['mean'])}</td>"
+        f"<td>{_fmt(c['std'])}</td></tr>" for c in spread["configs"])
+    parts.append(f"<table><thead><tr><th>config of trial</th><th>max_lr</th><th>peak_epoch</th>"
+                 f"<th>seeds</th><th>mean {esc(spread['metric'])}</th><th>std</th></tr>"
+                 f"</thead><tbody>{rows}</tbody></table>"
+                 f"<p>{esc(spread['verdict'][0].upper() + spread['verdict'][1:])}.</p>")
+    return "".join(parts)
+
+
 def write_index(out: Path, summary: dict[str, Any], table: pd.DataFrame,
                 figures: dict[str, tuple[str, str]]) -> None:
     esc = html.escape
@@ -75,6 +98,8 @@ def write_index(out: Path, summary: dict[str, Any], table: pd.DataFrame,
 {warning}
 <h2>Summary</h2>
 <table>{facts}</table>
+<h2>How far to trust the winner</h2>
+{_trust(summary["trust"])}
 <h2>Trials</h2>
 <table><thead><tr>{head}</tr></thead><tbody>{''.join(trial_rows)}</tbody></table>
 <h2>Per-class test accuracy</h2>
@@ -108,6 +133,8 @@ def _wall_time(wall: dict[str, float | None]) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return "" if value != value else f"{value:.4g}"
     return str(value)

@@ -17,10 +17,18 @@ import torch
 from torch import nn
 
 from analysis import figures
-from analysis.experiment import LR_FINDER_JSON, REPORT_DIR, STUDY_JSON, optuna_url, written_whole
+from analysis.experiment import (
+    LR_FINDER_JSON,
+    REPORT_DIR,
+    STUDY_JSON,
+    Role,
+    optuna_url,
+    written_whole,
+)
 from analysis.explain import TestEvaluation, evaluate_test, gradcam_maps, misclassified
 from analysis.html import write_index
 from analysis.results import Trial, best_trial, load_trials, trial_table
+from analysis.trust import edge_check, seed_spread
 from trainable.config import Config, from_dict
 from trainable.constants import CHECKPOINT_FILE
 from trainable.data import Splits, load_splits, to_uint8_images, train_transform
@@ -46,8 +54,10 @@ FIGURES = {
                          "test set."),
     "trials": ("trials.png", "Accuracy per epoch of every trial, the best highlighted; stopped, "
                "diverged and failed trials marked where they ended."),
-    "search_space": ("search_space.png", "Every trial's max_lr and peak_epoch, coloured by its "
-                     "best accuracy; the LR range test's estimate marked."),
+    "search_space": ("search_space.png", "Every search trial's best accuracy against its "
+                     "max_lr and its peak_epoch, within the ranges searched (shaded); the LR "
+                     "range test's estimate marked; confirmed configs as mean and standard "
+                     "deviation over their seeds."),
     "importance": ("importance.png", "Optuna's parameter importances over the finished trials."),
 }
 SUMMARY_JSON = "summary.json"
@@ -132,7 +142,7 @@ class Study:
 def _load_study(experiment_dir: Path, data_dir: str | None) -> Study:
     record = _check_experiment(experiment_dir)
     base = from_dict(record["config"])
-    trials = load_trials(experiment_dir, base.train.epochs)
+    trials = load_trials(experiment_dir, base)
     table = trial_table(trials)
     best_row = best_trial(table)
     if best_row is None:
@@ -195,11 +205,19 @@ def _study_figures(study: Study, path: dict[str, Path]) -> dict[str, float] | st
                         dict(zip(table["trial_id"], table["status"], strict=True)),
                         study.best.trial_id, study.val_name, path["trials"])
     figures.plot_search_space(table, study.lr_finder["suggested_lr"], study.best.trial_id,
+                              study.record["search_space"], _trust(study)["confirmation"],
                               path["search_space"])
     importances = _importances(study.experiment_dir, study.experiment_dir.name)
     if isinstance(importances, dict):
         figures.plot_importance(importances, path["importance"])
     return importances
+
+
+def _trust(study: Study) -> dict[str, Any]:
+    """Whether the winner lies at an edge of the space, and what its seeds' spread says."""
+    return {"edge_check": edge_check(study.best_row, study.record["search_space"],
+                                     study.config.train.epochs),
+            "confirmation": seed_spread(study.table, study.best.trial_id)}
 
 
 def _summary(study: Study, importances: dict[str, float] | str,
@@ -225,7 +243,10 @@ def _summary(study: Study, importances: dict[str, float] | str,
         "wall_time": {"estimated_s": study.record.get("cost_estimate", {}).get("study_s"),
                       "actual_s": study.record["wall_s"] if study.record.get("finished")
                       else None},
-        "trials_by_status": {k: int(v) for k, v in study.table["status"].value_counts().items()},
+        "trials_by_status": {k: int(v) for k, v in
+                             study.table.loc[study.table["role"] == Role.SEARCH, "status"]
+                             .value_counts().items()},
+        "trust": _trust(study),
         "importances": importances,
         "figures": {key: name for key, (name, _) in FIGURES.items() if name in figure_files},
     }

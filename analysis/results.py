@@ -15,19 +15,32 @@ import ray.train
 from ray import tune
 from ray.tune.experiment import Trial as TuneTrial
 
-from analysis.experiment import METRIC, MODE, RESULTS_CSV, SEARCHED, TRAIN_RUNS, written_whole
+from analysis.experiment import (
+    CONFIRM_DIR,
+    METRIC,
+    MODE,
+    RESULTS_CSV,
+    SEARCHED,
+    TRAIN_RUNS,
+    Role,
+    written_whole,
+)
 from trainable.config import Config
 from trainable.constants import TrialStatus
 
-COLUMNS = ["trial_id", "status", "max_lr", "peak_epoch", "epochs_run", "best_val_acc",
-           "final_val_acc", "val_loss", "train_loss", "wall_s", "checkpoint"]
+COLUMNS = ["trial_id", "role", "confirms", "seed", "status", "max_lr", "peak_epoch",
+           "epochs_run", "best_val_acc", "final_val_acc", "val_loss", "train_loss", "wall_s",
+           "checkpoint"]
 
 
 @dataclass(frozen=True)
 class Trial:
     trial_id: str
+    role: Role
+    confirms: str | None  # a confirmation run: the search trial whose config it runs again
+    seed: int  # train.seed
     status: str  # a TrialStatus, or Tune's own for an interrupted trial (PENDING, ...)
-    config: dict
+    config: dict  # the searched values
     history: pd.DataFrame  # one row per epoch reported, by the `epoch` metric
     checkpoint: str | None  # directory of the best epoch's checkpoint
 
@@ -70,13 +83,14 @@ def _best_checkpoint(result: ray.tune.Result, experiment_dir: Path, trial_id: st
     return checkpoint.path
 
 
-def load_trials(experiment_dir: Path, epochs: int) -> list[Trial]:
-    analysis = tune.ExperimentAnalysis(str(experiment_dir), default_metric=METRIC,
+def _load_experiment(tune_dir: Path, experiment_dir: Path, config: Config,
+                     role: Role) -> list[Trial]:
+    """The trials of one Tune experiment: the search's, or the confirmation runs'."""
+    analysis = tune.ExperimentAnalysis(str(tune_dir), default_metric=METRIC,
                                        default_mode=MODE)
-    grid = tune.ResultGrid(analysis)
     status_of = {t.trial_id: t.status for t in analysis.trials}
     trials = []
-    for result in grid:
+    for result in tune.ResultGrid(analysis):
         trial_id = result.path.rstrip("/").rsplit("trial_", 1)[-1]
         history = _history(result)
         last = history.iloc[-1] if len(history) else None
@@ -84,15 +98,28 @@ def load_trials(experiment_dir: Path, epochs: int) -> list[Trial]:
             status = TrialStatus.ERROR
         elif last is not None and bool(last.get("diverged", False)):
             status = TrialStatus.DIVERGED
-        elif last is not None and int(last["epoch"]) >= epochs:
+        elif last is not None and int(last["epoch"]) >= config.train.epochs:
             status = TrialStatus.COMPLETED
         elif status_of.get(trial_id) == TuneTrial.TERMINATED:
             status = TrialStatus.STOPPED
         else:
             status = status_of.get(trial_id, "UNKNOWN")  # interrupted: PENDING, RUNNING, ...
-        trials.append(Trial(trial_id, status, dict(result.config or {}), history,
+        params = dict(result.config or {})
+        point = params.get("confirm", params)
+        trials.append(Trial(trial_id, role, point.get("confirms"),
+                            point.get("seed", config.train.seed),
+                            status, {k: point.get(k) for k in SEARCHED}, history,
                             _best_checkpoint(result, experiment_dir, trial_id)))
     return sorted(trials, key=lambda t: t.trial_id)
+
+
+def load_trials(experiment_dir: Path, config: Config) -> list[Trial]:
+    """The search's trials, then the confirmation runs' (when the study made some)."""
+    trials = _load_experiment(experiment_dir, experiment_dir, config, Role.SEARCH)
+    confirm_dir = experiment_dir / CONFIRM_DIR
+    if list(confirm_dir.glob("experiment_state-*.json")):
+        trials += _load_experiment(confirm_dir, experiment_dir, config, Role.CONFIRM)
+    return trials
 
 
 def trial_table(trials: list[Trial]) -> pd.DataFrame:
@@ -102,7 +129,8 @@ def trial_table(trials: list[Trial]) -> pd.DataFrame:
         good = h[~h["diverged"].astype(bool)] if "diverged" in h else h
         last = good.iloc[-1] if len(good) else {}
         rows.append({
-            "trial_id": trial.trial_id, "status": trial.status,
+            "trial_id": trial.trial_id, "role": trial.role, "confirms": trial.confirms,
+            "seed": trial.seed, "status": trial.status,
             **{k: trial.config.get(k) for k in SEARCHED},
             "epochs_run": int(h["epoch"].max()) if len(h) else 0,
             "best_val_acc": float(good[METRIC].max()) if len(good) else math.nan,
@@ -116,18 +144,23 @@ def trial_table(trials: list[Trial]) -> pd.DataFrame:
 
 
 def write_results(experiment_dir: Path, config: Config) -> pd.DataFrame:
-    table = trial_table(load_trials(experiment_dir, config.train.epochs))
+    table = trial_table(load_trials(experiment_dir, config))
     with written_whole(experiment_dir / RESULTS_CSV) as partial:
         table.to_csv(partial, index=False)
     return table
 
 
 def best_trial(table: pd.DataFrame) -> pd.Series | None:
-    """The trial with the highest best val_acc (ties: fewer epochs), among those neither
-    DIVERGED nor ERROR and with a checkpoint."""
+    """The search trial with the highest best val_acc (ties: fewer epochs), among those
+    neither DIVERGED nor ERROR and with a checkpoint; None when there is none."""
+    ranked = ranked_search_trials(table)
+    return None if ranked.empty else ranked.iloc[0]
+
+
+def ranked_search_trials(table: pd.DataFrame) -> pd.DataFrame:
+    """The search's trials that can be selected, best first. Confirmation runs are not
+    candidates: a seed that happens to do well is no reason to pick a config."""
     failed = table["status"].isin([TrialStatus.DIVERGED, TrialStatus.ERROR])
-    eligible = table[~failed & table["checkpoint"].notna() & table["best_val_acc"].notna()]
-    if eligible.empty:
-        return None
-    ranked = eligible.sort_values(["best_val_acc", "epochs_run"], ascending=[False, True])
-    return ranked.iloc[0]
+    eligible = table[(table["role"] == Role.SEARCH) & ~failed & table["checkpoint"].notna()
+                     & table["best_val_acc"].notna()]
+    return eligible.sort_values(["best_val_acc", "epochs_run"], ascending=[False, True])

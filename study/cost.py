@@ -81,7 +81,8 @@ def measure(config: Config, splits_ref: ray.ObjectRef, splits: Splits, resources
     trial_s = t.epochs * epoch_s + overhead_s
     # The range test runs on one worker at the global batch.
     range_test_s = config.lr_finder.num_iter * t.batch_size / speed["train_images_per_s"]
-    trials = config.search.num_samples
+    search = config.search
+    trials = search.num_samples + search.confirm_top * (search.confirm_seeds or 0)
     study_s = range_test_s + math.ceil(trials / at_once) * trial_s
     return Estimate(speed["device"], resources.workers, images_per_s, epoch_s, overhead_s,
                     trial_s, range_test_s, trials, at_once, study_s)
@@ -97,7 +98,8 @@ def describe(estimate: Estimate, config: Config, splits: Splits) -> list[str]:
         f"trained, {len(splits.val.labels):,} validated)",
         f"  a trial:  about {duration(estimate.trial_s)} ({config.train.epochs} epochs + "
         f"{duration(estimate.overhead_s)} to start and end)",
-        f"  the study: about {duration(estimate.study_s)} ({estimate.trials} trials, "
+        f"  the study: about {duration(estimate.study_s)} ({estimate.trials} trials"
+        f"{_confirming(config)}, "
         f"{estimate.at_once} at a time, after a range test of about "
         f"{duration(estimate.range_test_s)})"]
     if estimate.study_s > LONG_S and not estimate.device.startswith("cuda"):
@@ -106,12 +108,18 @@ def describe(estimate: Estimate, config: Config, splits: Splits) -> list[str]:
     return lines
 
 
-class TimeLeft(tune.Callback):
-    """After each trial ends: how many have, and about how long the rest will take, from the
-    ended trials' own wall times (from the estimate until one has a time)."""
+def _confirming(config: Config) -> str:
+    runs = config.search.confirm_top * (config.search.confirm_seeds or 0)
+    return f", of which {runs} confirmation runs" if runs else ""
 
-    def __init__(self, estimate: Estimate):
-        self.estimate = estimate
+
+class TimeLeft(tune.Callback):
+    """After each of a Tuner's `trials` ends: how many have, and about how long the rest and
+    the `later` trials of a phase to come will take, from the ended trials' own wall times
+    (from the estimate until one has a time)."""
+
+    def __init__(self, estimate: Estimate, trials: int, later: int = 0):
+        self.estimate, self.trials, self.later = estimate, trials, later
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._report(trials, trial)
@@ -125,6 +133,7 @@ class TimeLeft(tune.Callback):
         walls = [t.last_result["time_total_s"] for t in ended
                  if (t.last_result or {}).get("time_total_s")]
         each = statistics.median(walls) if walls else self.estimate.trial_s
-        left = math.ceil(max(self.estimate.trials - len(ended), 0) / self.estimate.at_once)
-        print(f"{len(ended)} of {self.estimate.trials} trials ended; about "
+        rest = max(self.trials - len(ended), 0) + self.later
+        left = math.ceil(rest / self.estimate.at_once)
+        print(f"{len(ended)} of {self.trials} trials ended; about "
               f"{duration(left * each)} left", flush=True)

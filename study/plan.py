@@ -65,7 +65,8 @@ def resolve(args: argparse.Namespace) -> Plan:
 
     overrides = list(args.overrides)
     for flag, key in ((args.data_dir, "data.dir"), (args.num_samples, "search.num_samples"),
-                      (args.scheduler, "search.scheduler")):
+                      (args.scheduler, "search.scheduler"),
+                      (args.confirm_seeds, "search.confirm_seeds")):
         if flag is not None:
             overrides.append(f"{key}={json.dumps(flag)}")
     if args.resume:
@@ -168,6 +169,7 @@ def print_plan(plan: Plan, resources: Resources, at_once: int, cost: dict[str, A
         "config": to_dict(config),
         "search_space": describe_space(config, None),
         "trials": config.search.num_samples,
+        "confirmation_runs": config.search.confirm_top * (config.search.confirm_seeds or 0),
         "resources_per_trial": resources.per_trial(),
         "workers_per_trial": resources.workers,
         "batch_size_per_worker": config.train.batch_size // resources.workers,

@@ -12,6 +12,7 @@ Bad input is refused in one line with exit code 2 before Ray starts or anything 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import shutil
@@ -22,12 +23,14 @@ import typing
 from importlib import metadata
 from typing import Any
 
+import pandas as pd
 import ray
 
-from analysis.experiment import LR_FINDER_JSON, LR_FINDER_PNG, STUDY_JSON, written_whole
+from analysis.experiment import LR_FINDER_JSON, LR_FINDER_PNG, STUDY_JSON, Role, written_whole
 from analysis.figures import plot_lr_finder
 from analysis.report import build_report
 from analysis.results import best_trial, write_results
+from analysis.trust import edge_check, seed_spread
 from study import cost
 from study.cluster import dashboard_line, start_ray
 from study.plan import (
@@ -39,7 +42,14 @@ from study.plan import (
     trial_resources,
     trials_at_once,
 )
-from study.search import close_orphaned_optuna_trials, describe_space, make_tuner
+from study.search import (
+    close_orphaned_optuna_trials,
+    confirmation_points,
+    default_confirm_seeds,
+    describe_space,
+    make_confirm_tuner,
+    make_tuner,
+)
 from study.trial import Resources, make_trainable
 from trainable.config import ConfigError, from_dict, to_dict
 from trainable.constants import ENDED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, REPO
@@ -65,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="CIFAR-10 directory (sets data.dir)")
     p.add_argument("--num-samples", type=int, help="trials (sets search.num_samples)")
     p.add_argument("--scheduler", help="fifo or asha (sets search.scheduler)")
+    p.add_argument("--confirm-seeds", type=int,
+                   help="after the search, rerun its top configs with K more seeds each (sets "
+                        "search.confirm_seeds; default 2 when trials get a GPU, else 0)")
     p.add_argument("--storage", default="runs", help="folder holding experiments")
     p.add_argument("--name", help="experiment name (default study-<UTC timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the experiment --name")
@@ -155,6 +168,12 @@ def range_test_results(plan: Plan, splits_ref: ray.ObjectRef,
     return found
 
 
+def all_ended(table: pd.DataFrame, role: Role, expected: int) -> bool:
+    """Whether all `expected` trials of this role are in the table, each ended."""
+    rows = table[table["role"] == role]
+    return len(rows) == expected and bool(rows["status"].isin(ENDED).all())
+
+
 def resume_command(args: argparse.Namespace, plan: Plan) -> str:
     """The command that continues this study, with the flags that say where it runs."""
     command = ["python", "study/run.py", "--resume", "--name", plan.experiment_dir.name,
@@ -166,9 +185,9 @@ def resume_command(args: argparse.Namespace, plan: Plan) -> str:
     return shlex.join(command)
 
 
-def interrupted(args: argparse.Namespace, plan: Plan, ended: int) -> int:
-    print(f"interrupted: {ended} of {plan.config.search.num_samples} trials ended. Continue "
-          f"with: {resume_command(args, plan)}", flush=True)
+def interrupted(args: argparse.Namespace, plan: Plan, ended: int, total: int) -> int:
+    print(f"interrupted: {ended} of {total} trials ended. Continue with: "
+          f"{resume_command(args, plan)}", flush=True)
     return EXIT_INTERRUPTED
 
 
@@ -177,6 +196,9 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
     try:
         cluster = ray.cluster_resources()
         resources = trial_resources(args, cluster)
+        if plan.config.search.confirm_seeds is None:  # by the trials' device; then saved
+            plan = dataclasses.replace(plan, config=plan.config.replace(
+                "search", confirm_seeds=default_confirm_seeds(resources.gpus_per_worker)))
         at_once = trials_at_once(resources, cluster, plan.config.search.max_concurrent)
         splits_ref = ray.put(splits)
         estimate = cost.measure(plan.config, splits_ref, splits, resources, at_once)
@@ -205,15 +227,31 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
 
         trainable = make_trainable(to_dict(plan.config), splits_ref, resources,
                                    plan.experiment_dir)
+        search = plan.config.search
+        confirm_runs = search.confirm_top * search.confirm_seeds
         tuner = make_tuner(plan.config, plan.experiment_dir, plan.resume, trainable,
-                           found["suggested_lr"], resources.local, [cost.TimeLeft(estimate)])
+                           found["suggested_lr"], resources.local,
+                           [cost.TimeLeft(estimate, search.num_samples, later=confirm_runs)])
         tuner.fit()
         table = write_results(plan.experiment_dir, plan.config)
-        finished = len(table) == plan.config.search.num_samples and \
-            table["status"].isin(ENDED).all()
+        total = search.num_samples
+        finished = all_ended(table, Role.SEARCH, total)
         if finished:
             close_orphaned_optuna_trials(plan.experiment_dir)
-        # The search's wall time, summed over the driver's runs when resumed.
+        points = confirmation_points(table, plan.config) if finished else []
+        if points:
+            study["confirmation"] = {"seeds": search.confirm_seeds, "points": points}
+            write_json(saved, study)
+            print(f"confirmation: the search's top {len({p['confirms'] for p in points})} "
+                  f"configs again, {search.confirm_seeds} more "
+                  f"seed{'s' * (search.confirm_seeds > 1)} each", flush=True)
+            make_confirm_tuner(plan.config, plan.experiment_dir, plan.resume, trainable, points,
+                               resources.local, [cost.TimeLeft(estimate, len(points))]).fit()
+            table = write_results(plan.experiment_dir, plan.config)
+            total += len(points)
+            finished = all_ended(table, Role.CONFIRM, len(points))
+        # The study's wall time (range test, search, confirmation), summed over the driver's
+        # runs when resumed.
         write_json(saved, {**study, "wall_s": earlier_s + time.monotonic() - started,
                            "finished": bool(finished)})
     finally:
@@ -229,7 +267,14 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
               f"{scope}, max_lr {best['max_lr']:.4g}, peak_epoch {int(best['peak_epoch'])}",
               flush=True)
     if not finished:
-        return interrupted(args, plan, int(table["status"].isin(ENDED).sum()))
+        return interrupted(args, plan, int(table["status"].isin(ENDED).sum()), total)
+    if best is not None:
+        trust = edge_check(best, study["search_space"], plan.config.train.epochs)
+        for warning in trust["warnings"]:
+            print(f"warning: {warning}", flush=True)
+        spread = seed_spread(table, best["trial_id"])
+        if spread is not None:
+            print(f"confirmation: {spread['verdict']}", flush=True)
     if args.no_report or best is None:
         return 0
     report = build_report(plan.experiment_dir)
@@ -252,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # before the search, or before Tune took over Ctrl-C
         if plan is not None and (plan.experiment_dir / STUDY_JSON).is_file():
-            return interrupted(args, plan, 0)
+            return interrupted(args, plan, 0, plan.config.search.num_samples)
         print("interrupted before the study started; nothing was written", flush=True)
         return EXIT_INTERRUPTED
 

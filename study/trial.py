@@ -61,8 +61,13 @@ class Resources:
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
-    """The base config with this trial's searched values (checked like any config)."""
-    return from_dict(base).replace("train", **{k: params[k] for k in SEARCHED})
+    """The base config with this trial's searched values (checked like any config); for a
+    confirmation run, its point's values and seed."""
+    point = params.get("confirm", params)
+    values = {k: point[k] for k in SEARCHED}
+    if "seed" in point:
+        values["seed"] = point["seed"]
+    return from_dict(base).replace("train", **values)
 
 
 def _report_to(report_fn, checkpoint_cls):

@@ -90,13 +90,15 @@ class LrFinderConfig:
 @dataclass(frozen=True, config=SECTION)
 class SearchConfig:
     num_samples: Annotated[Int, Field(ge=1)] = 8
-    max_lr_range: tuple[Float, Float] = (0.5, 2.0)
+    max_lr_range: tuple[Float, Float] = (1.0, 8.0)
     peak_epoch_range: tuple[Int, Int] | None = None
     scheduler: SCHEDULERS = "fifo"
     grace_period: Annotated[Int, Field(ge=1)] = 2
     max_concurrent: Annotated[Int, Field(ge=1)] = 2
     max_failures: Annotated[Int, Field(ge=0)] = 1
     num_to_keep: Annotated[Int, Field(ge=1)] = 2
+    confirm_seeds: Annotated[Int, Field(ge=0)] | None = None
+    confirm_top: Annotated[Int, Field(ge=2)] = 2
 
 
 @dataclass(frozen=True, config=SECTION)
