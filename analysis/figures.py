@@ -155,7 +155,8 @@ def plot_search_space(table: pd.DataFrame, estimate: float, best: str, space: di
     """Best accuracy against each searched setting: the range searched shaded, every search
     trial a dot, the best ringed; confirmed configs as mean +- standard deviation."""
     search = table[table["role"] == Role.SEARCH]
-    ranges = {"max_lr": space["max_lr"]["range"], "peak_epoch": space["peak_epoch"]["range"]}
+    peak_lo, peak_hi = space["peak_epoch"]["range"]  # integers: shade whole epochs
+    ranges = {"max_lr": space["max_lr"]["range"], "peak_epoch": (peak_lo - 0.5, peak_hi + 0.5)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, setting in zip(axes, SEARCHED, strict=True):
         ax.axvspan(*ranges[setting], color="tab:blue", alpha=0.08, label="range searched")

@@ -1,12 +1,12 @@
 """What a new user meets first: the data fetched (or one line saying how to point at a copy),
-the cost said before any trial, the way into the dashboard, and Ctrl-C."""
+the cost said before any trial, the way into the dashboard. (Ctrl-C, its exit code and the
+resume command it prints: tests/test_trust.py, which interrupts a study's second phase.)"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import time
 
@@ -18,7 +18,7 @@ from study.cost import Estimate, describe
 from study.run import main as study_main
 from trainable.data import load_splits
 
-from .helpers import REPO, RUN, free_port, offline_env, study, tiny
+from .helpers import RUN, free_port, offline_env, study, tiny
 
 
 def test_a_fresh_clone_offline_is_told_in_one_line_and_keeps_no_half_download(tmp_path):
@@ -87,23 +87,3 @@ def test_the_cost_is_said_before_the_trials_and_is_near_their_time(ray_address, 
     trial_s = pd.read_csv(tmp_path / "cost" / RESULTS_CSV)["wall_s"]
     print(f"estimated {estimate['trial_s']:.1f} s a trial, measured {list(trial_s)}")
     assert all(0.5 <= estimate["trial_s"] / measured <= 2 for measured in trial_s)
-
-
-def test_ctrl_c_exits_130_and_says_how_to_resume(ray_address, synthetic_dir, tmp_path):
-    command = [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--local", "--storage",
-                           str(tmp_path), "--name", "cut", "--num-samples", "4",
-                           "--set", "search.max_concurrent=1", "--no-report")]
-    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while not list((tmp_path / "cut").glob("trial_*/result.json")):
-        assert driver.poll() is None and time.monotonic() < deadline, "no trial reported"
-        time.sleep(0.5)
-    driver.send_signal(signal.SIGINT)
-    out, _ = driver.communicate(timeout=120)
-    assert driver.returncode == 130, out[-3000:]
-    assert "interrupted: " in out
-    assert (f"python study/run.py --resume --name cut --storage {tmp_path} --address "
-            f"{ray_address} --local --no-report") in out
-    assert not any(line.startswith("best trial ") and " so far " not in line
-                   for line in out.splitlines())
