@@ -18,7 +18,7 @@ from study.cost import Estimate, describe
 from study.run import main as study_main
 from trainable.data import load_splits
 
-from .helpers import RUN, free_port, offline_env, study, tiny
+from .helpers import RUN, free_port, offline_env, tiny
 
 
 def test_a_fresh_clone_offline_is_told_in_one_line_and_keeps_no_half_download(tmp_path):
@@ -74,16 +74,16 @@ def test_a_long_study_without_a_gpu_says_so_and_names_smaller_runs(smoke_config)
                         splits)[-1].startswith("warning")
 
 
-def test_the_cost_is_said_before_the_trials_and_is_near_their_time(ray_address, synthetic_dir,
-                                                                   tmp_path):
-    run = study(ray_address, tmp_path, "cost", synthetic_dir, "--num-samples", "2")
+def test_the_cost_is_said_before_the_trials_and_is_near_their_time(finished):
+    """The session's 3-trial --local study (2 at a time): what it said, and what it took."""
+    experiment, run = finished
     lines = run.stdout.splitlines()
     said = next(i for i, line in enumerate(lines) if line.startswith("cost estimate "))
     assert lines[said + 4].startswith("  the study: about ")
     assert said < next(i for i, line in enumerate(lines) if "LR range test estimate" in line)
     assert any(line.startswith("Ray dashboard: http://") for line in lines)
-    assert sum("of 2 trials ended; about" in line for line in lines) == 2
-    estimate = json.loads((tmp_path / "cost" / STUDY_JSON).read_text())["cost_estimate"]
-    trial_s = pd.read_csv(tmp_path / "cost" / RESULTS_CSV)["wall_s"]
+    assert sum("of 3 trials ended; about" in line for line in lines) == 3
+    estimate = json.loads((experiment / STUDY_JSON).read_text())["cost_estimate"]
+    trial_s = pd.read_csv(experiment / RESULTS_CSV)["wall_s"]
     print(f"estimated {estimate['trial_s']:.1f} s a trial, measured {list(trial_s)}")
     assert all(0.5 <= estimate["trial_s"] / measured <= 2 for measured in trial_s)
