@@ -38,7 +38,8 @@ def test_three_trials_complete_around_the_estimate(finished):
     lo, hi = 0.5 * estimate, 2.0 * estimate  # smoke.yaml: search.max_lr_range [0.5, 2]
     assert table["max_lr"].between(lo * (1 - 1e-9), hi * (1 + 1e-9)).all()
     assert table["peak_epoch"].between(1, EPOCHS).all()
-    # The first trial evaluates the estimate itself, with the original's peak scaled to 2 epochs.
+    # The first trial evaluates the log middle of the range (here the estimate itself), with
+    # the original's peak scaled to 2 epochs.
     first = table.loc[table["max_lr"] == estimate]
     assert len(first) == 1 and first["peak_epoch"].item() == 1
     assert "best trial" in run.stdout and "Ray dashboard:" in run.stdout
