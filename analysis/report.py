@@ -197,7 +197,8 @@ def _original_figures(study: Study, path: dict[str, Path]) -> list[int]:
     return list(wrong)
 
 
-def _study_figures(study: Study, path: dict[str, Path]) -> dict[str, float] | str:
+def _study_figures(study: Study, path: dict[str, Path],
+                   trust: dict[str, Any]) -> dict[str, float] | str:
     """Beyond the original: the study as a whole. Returns Optuna's importances, or why there
     are none."""
     table = study.table
@@ -205,7 +206,7 @@ def _study_figures(study: Study, path: dict[str, Path]) -> dict[str, float] | st
                         dict(zip(table["trial_id"], table["status"], strict=True)),
                         study.best.trial_id, study.val_name, path["trials"])
     figures.plot_search_space(table, study.lr_finder["suggested_lr"], study.best.trial_id,
-                              study.record["search_space"], _trust(study)["confirmation"],
+                              study.record["search_space"], trust["confirmation"],
                               path["search_space"])
     importances = _importances(study.experiment_dir, study.experiment_dir.name)
     if isinstance(importances, dict):
@@ -220,7 +221,7 @@ def _trust(study: Study) -> dict[str, Any]:
             "confirmation": seed_spread(study.table, study.best.trial_id)}
 
 
-def _summary(study: Study, importances: dict[str, float] | str,
+def _summary(study: Study, importances: dict[str, float] | str, trust: dict[str, Any],
              figure_files: list[str]) -> dict[str, Any]:
     splits, evaluation, classes = study.splits, study.evaluation, study.splits.classes
     history = _history(study.best, study.state)
@@ -246,7 +247,7 @@ def _summary(study: Study, importances: dict[str, float] | str,
         "trials_by_status": {k: int(v) for k, v in
                              study.table.loc[study.table["role"] == Role.SEARCH, "status"]
                              .value_counts().items()},
-        "trust": _trust(study),
+        "trust": trust,
         "importances": importances,
         "figures": {key: name for key, (name, _) in FIGURES.items() if name in figure_files},
     }
@@ -261,13 +262,14 @@ def build_report(experiment_dir: Path, data_dir: str | None = None) -> Path:
         out.mkdir()
         path = {key: out / name for key, (name, _) in FIGURES.items()}
         wrong = _original_figures(study, path)
-        importances = _study_figures(study, path)
+        trust = _trust(study)
+        importances = _study_figures(study, path, trust)
         classes, test, evaluation = study.splits.classes, study.splits.test, study.evaluation
         gallery = [{"test_index": int(test.indices[i]), "true": classes[test.labels[i]],
                     "predicted": classes[evaluation.predicted[i]],
                     "confidence": round(float(evaluation.confidence[i]), 6)} for i in wrong]
         (out / MISCLASSIFIED_JSON).write_text(json.dumps(gallery, indent=2))
-        summary = _summary(study, importances, [p.name for p in out.iterdir()])
+        summary = _summary(study, importances, trust, [p.name for p in out.iterdir()])
         (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
         write_index(out, summary, study.table,
                     {k: v for k, v in FIGURES.items() if k in summary["figures"]})
