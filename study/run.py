@@ -191,71 +191,53 @@ def interrupted(args: argparse.Namespace, plan: Plan, ended: int, total: int) ->
     return EXIT_INTERRUPTED
 
 
-def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
-    context = start_ray(args, plan.experiment_dir.name)
-    try:
-        cluster = ray.cluster_resources()
-        resources = trial_resources(args, cluster)
-        if plan.config.search.confirm_seeds is None:  # by the trials' device; then saved
-            plan = dataclasses.replace(plan, config=plan.config.replace(
-                "search", confirm_seeds=default_confirm_seeds(resources.gpus_per_worker)))
-        at_once = trials_at_once(resources, cluster, plan.config.search.max_concurrent)
-        splits_ref = ray.put(splits)
-        estimate = cost.measure(plan.config, splits_ref, splits, resources, at_once)
-        said = cost.describe(estimate, plan.config, splits)
-        if args.dry_run:
-            print_plan(plan, resources, at_once, {**estimate.to_dict(), "said": said})
-            return 0
-        print("\n".join(said), flush=True)
-        print(dashboard_line(context.dashboard_url), flush=True)
-        saved = plan.experiment_dir / STUDY_JSON
-        earlier_s = json.loads(saved.read_text()).get("wall_s", 0.0) if plan.resume else 0.0
-        if not plan.resume:
-            if plan.experiment_dir.exists():  # --overwrite, checked in resolve()
-                shutil.rmtree(plan.experiment_dir)
-            plan.experiment_dir.mkdir(parents=True)
-        study = {**study_record(args, plan, resources, splits),
-                 "cost_estimate": estimate.to_dict(), "wall_s": earlier_s}
-        write_json(saved, study)
+def with_confirm_seeds(plan: Plan, resources: Resources) -> Plan:
+    """The plan with `search.confirm_seeds` resolved by the trials' device (then saved, so
+    that a resume keeps it)."""
+    if plan.config.search.confirm_seeds is not None:
+        return plan
+    seeds = default_confirm_seeds(resources.gpus_per_worker)
+    return dataclasses.replace(plan, config=plan.config.replace("search", confirm_seeds=seeds))
 
-        started = time.monotonic()  # the search: what the estimate's study_s covers
-        found = range_test_results(plan, splits_ref, resources)
-        print(f"LR range test estimate: {found['suggested_lr']:.4g}", flush=True)
-        study.update(estimate=found["suggested_lr"],
-                     search_space=describe_space(plan.config, found["suggested_lr"]))
-        write_json(saved, study)
 
-        trainable = make_trainable(to_dict(plan.config), splits_ref, resources,
-                                   plan.experiment_dir)
-        search = plan.config.search
-        confirm_runs = search.confirm_top * search.confirm_seeds
-        tuner = make_tuner(plan.config, plan.experiment_dir, plan.resume, trainable,
-                           found["suggested_lr"], resources.local,
-                           [cost.TimeLeft(estimate, search.num_samples, later=confirm_runs)])
-        tuner.fit()
-        table = write_results(plan.experiment_dir, plan.config)
-        total = search.num_samples
-        finished = all_ended(table, Role.SEARCH, total)
-        if finished:
-            close_orphaned_optuna_trials(plan.experiment_dir)
-        points = confirmation_points(table, plan.config) if finished else []
-        if points:
-            study["confirmation"] = {"seeds": search.confirm_seeds, "points": points}
-            write_json(saved, study)
-            print(f"confirmation: the search's top {len({p['confirms'] for p in points})} "
-                  f"configs again, {search.confirm_seeds} more "
-                  f"seed{'s' * (search.confirm_seeds > 1)} each", flush=True)
-            make_confirm_tuner(plan.config, plan.experiment_dir, plan.resume, trainable, points,
-                               resources.local, [cost.TimeLeft(estimate, len(points))]).fit()
-            table = write_results(plan.experiment_dir, plan.config)
-            total += len(points)
-            finished = all_ended(table, Role.CONFIRM, len(points))
-        # The study's wall time (range test, search, confirmation), summed over the driver's
-        # runs when resumed.
-        write_json(saved, {**study, "wall_s": earlier_s + time.monotonic() - started,
-                           "finished": bool(finished)})
-    finally:
-        ray.shutdown()
+def open_experiment(args: argparse.Namespace, plan: Plan, resources: Resources, splits: Splits,
+                    estimate: cost.Estimate) -> dict[str, Any]:
+    """study.json of a new experiment, written in a fresh folder, or of the one resumed, with
+    the wall time its earlier runs took."""
+    saved = plan.experiment_dir / STUDY_JSON
+    earlier_s = json.loads(saved.read_text()).get("wall_s", 0.0) if plan.resume else 0.0
+    if not plan.resume:
+        if plan.experiment_dir.exists():  # --overwrite, checked in resolve()
+            shutil.rmtree(plan.experiment_dir)
+        plan.experiment_dir.mkdir(parents=True)
+    study = {**study_record(args, plan, resources, splits),
+             "cost_estimate": estimate.to_dict(), "wall_s": earlier_s}
+    write_json(saved, study)
+    return study
+
+
+def confirm(plan: Plan, study: dict[str, Any], table: pd.DataFrame, trainable,
+            resources: Resources, estimate: cost.Estimate) -> tuple[pd.DataFrame, int, bool]:
+    """The confirmation runs of a finished search: the table with them, how many there are,
+    and whether they all ended."""
+    search = plan.config.search
+    points = confirmation_points(table, plan.config)
+    if not points:
+        return table, 0, True
+    study["confirmation"] = {"seeds": search.confirm_seeds, "points": points}
+    write_json(plan.experiment_dir / STUDY_JSON, study)
+    print(f"confirmation: the search's top {len({p['confirms'] for p in points})} configs "
+          f"again, {search.confirm_seeds} more seed{'s' * (search.confirm_seeds > 1)} each",
+          flush=True)
+    make_confirm_tuner(plan.config, plan.experiment_dir, plan.resume, trainable, points,
+                       resources.local, [cost.TimeLeft(estimate, len(points))]).fit()
+    table = write_results(plan.experiment_dir, plan.config)
+    return table, len(points), all_ended(table, Role.CONFIRM, len(points))
+
+
+def conclude(args: argparse.Namespace, plan: Plan, splits: Splits, study: dict[str, Any],
+             table: pd.DataFrame, finished: bool, total: int) -> int:
+    """The trials, the best, how far to trust it, and the report; or the resume command."""
     print(table.to_string(index=False), flush=True)
     best = best_trial(table)
     so_far = "" if finished else " so far"
@@ -280,6 +262,55 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
     report = build_report(plan.experiment_dir)
     print(f"report: {report / 'index.html'}", flush=True)
     return 0
+
+
+def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
+    context = start_ray(args, plan.experiment_dir.name)
+    try:
+        cluster = ray.cluster_resources()
+        resources = trial_resources(args, cluster)
+        plan = with_confirm_seeds(plan, resources)
+        at_once = trials_at_once(resources, cluster, plan.config.search.max_concurrent)
+        splits_ref = ray.put(splits)
+        estimate = cost.measure(plan.config, splits_ref, splits, resources, at_once)
+        said = cost.describe(estimate, plan.config, splits)
+        if args.dry_run:
+            print_plan(plan, resources, at_once, {**estimate.to_dict(), "said": said})
+            return 0
+        print("\n".join(said), flush=True)
+        print(dashboard_line(context.dashboard_url), flush=True)
+        study = open_experiment(args, plan, resources, splits, estimate)
+
+        started = time.monotonic()  # the search: what the estimate's study_s covers
+        found = range_test_results(plan, splits_ref, resources)
+        print(f"LR range test estimate: {found['suggested_lr']:.4g}", flush=True)
+        study.update(estimate=found["suggested_lr"],
+                     search_space=describe_space(plan.config, found["suggested_lr"]))
+        write_json(plan.experiment_dir / STUDY_JSON, study)
+
+        trainable = make_trainable(to_dict(plan.config), splits_ref, resources,
+                                   plan.experiment_dir)
+        search = plan.config.search
+        make_tuner(plan.config, plan.experiment_dir, plan.resume, trainable,
+                   found["suggested_lr"], resources.local,
+                   [cost.TimeLeft(estimate, search.num_samples,
+                                  later=search.confirm_top * search.confirm_seeds)]).fit()
+        table = write_results(plan.experiment_dir, plan.config)
+        total = search.num_samples
+        finished = all_ended(table, Role.SEARCH, total)
+        if finished:
+            close_orphaned_optuna_trials(plan.experiment_dir)
+            table, confirm_runs, finished = confirm(plan, study, table, trainable, resources,
+                                                    estimate)
+            total += confirm_runs
+        # The study's wall time (range test, search, confirmation), summed over the driver's
+        # runs when resumed.
+        write_json(plan.experiment_dir / STUDY_JSON,
+                   {**study, "wall_s": study["wall_s"] + time.monotonic() - started,
+                    "finished": finished})
+    finally:
+        ray.shutdown()
+    return conclude(args, plan, splits, study, table, finished, total)
 
 
 def main(argv: list[str] | None = None) -> int:
