@@ -1,6 +1,7 @@
 """Report on a finished, interrupted or partly failed study.
 
     python -m analysis runs/study-20261124T130000Z [--data-dir DIR]
+    python -m analysis s3://bucket/runs/study-20261124T130000Z
 
 Writes <experiment>/report/ (index.html, summary.json, figures). Exit code 2, with one line,
 for a path that is not an experiment, an experiment with no completed trial, or a missing
@@ -11,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from analysis.report import ReportError, build_report
+from analysis.report import ReportError, build_report, where
 from trainable.constants import EXIT_BAD_INPUT
 from trainable.data import DataError
 
@@ -21,7 +21,8 @@ from trainable.data import DataError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", type=Path, help="experiment directory of a study")
+    parser.add_argument("experiment", help="experiment directory of a study: a path, or a URI "
+                        "such as s3://bucket/runs/NAME")
     parser.add_argument("--data-dir", help="where CIFAR-10 is now, if it moved since the study")
     args = parser.parse_args(argv)
     try:
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ReportError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"report: {report / 'index.html'}")
+    print("\n".join(where(report)))
     return 0
 
 

@@ -1,12 +1,22 @@
 """An experiment directory `<storage>/<name>/` as the study writes it and the analysis reads
-it: its file names, what the study maximises, and how a file is written whole."""
+it: its file names, what the study maximises, and the folder it lives in, on local disk or in
+a bucket, with how a file is written there whole."""
+
+from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+import pyarrow
+import pyarrow.fs
 
 LR_FINDER_JSON = "lr_finder.json"  # the range test: suggested_lr, lrs, losses, settings
 LR_FINDER_PNG = "lr_finder.png"  # its curve, the estimate marked
@@ -16,6 +26,7 @@ OPTUNA_DB = "optuna.db"  # the Optuna study (SQLite): optuna-dashboard sqlite://
 TRAIN_RUNS = "train"  # Ray Train runs of the TorchTrainer path: train/train-<trial id>/
 CONFIRM_DIR = "confirm"  # the confirmation runs' own Tune experiment (--confirm-seeds)
 REPORT_DIR = "report"  # what `python -m analysis` writes
+TUNE_STATE = "experiment_state-*.json"  # Tune's saved state, in each Tune experiment's folder
 
 METRIC, MODE = "val_acc", "max"  # what the study maximises, and which checkpoints it keeps
 SEARCHED = ("max_lr", "peak_epoch")  # TrainConfig fields the search sets per trial
@@ -26,11 +37,6 @@ class Role(StrEnum):
 
     SEARCH = "search"  # suggested by the search
     CONFIRM = "confirm"  # a search trial's config again, with another seed
-
-
-def optuna_url(experiment_dir) -> str:
-    """The SQLAlchemy URL of an experiment's Optuna study."""
-    return f"sqlite:///{experiment_dir}/{OPTUNA_DB}"
 
 
 @contextlib.contextmanager
@@ -45,3 +51,151 @@ def written_whole(path: Path) -> Iterator[Path]:
     if partial.is_dir() and path.exists():  # os.replace renames over empty folders only
         shutil.rmtree(path)
     os.replace(partial, path)
+
+
+class StorageError(ValueError):
+    """A storage location that cannot be used, said in one line."""
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder on local disk or in a bucket: what `--storage` names (a path, or a URI that
+    pyarrow's filesystems resolve: s3://, gs://, with an endpoint from AWS_ENDPOINT_URL), and
+    every folder under it. Ray takes `uri`; reads and writes go through `filesystem`."""
+
+    uri: str  # an absolute local path, or scheme://bucket/path[?options]
+    filesystem: pyarrow.fs.FileSystem
+    path: str  # the folder in `filesystem`
+
+    @classmethod
+    def at(cls, location: str | os.PathLike) -> Folder:
+        location = str(location)
+        if "://" not in location:
+            local = str(Path(location).resolve())
+            return cls(local, pyarrow.fs.LocalFileSystem(), local)
+        try:
+            filesystem, path = pyarrow.fs.FileSystem.from_uri(location)
+        except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise StorageError(f"{location}: not a storage URI pyarrow can open "
+                               f"({first_line(err)})") from None
+        if not path.strip("/"):
+            raise StorageError(f"{location}: names no bucket (e.g. s3://bucket/runs)")
+        base, sep, options = location.partition("?")
+        return cls(base.rstrip("/") + sep + options, filesystem, path.rstrip("/"))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.filesystem, pyarrow.fs.LocalFileSystem)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __truediv__(self, name: str) -> Folder:
+        return Folder(self.uri_of(f"{self.path}/{name}"), self.filesystem,
+                      f"{self.path}/{name}")
+
+    @property
+    def parent(self) -> Folder:
+        path = self.path.rsplit("/", 1)[0] or "/"
+        return Folder(self.uri_of(path), self.filesystem, path)
+
+    def uri_of(self, path: str) -> str:
+        """The URI of `path` in this folder's filesystem (options such as an endpoint kept)."""
+        if self.is_local:
+            return path
+        scheme = self.uri.split("://", 1)[0]
+        options = self.uri.partition("?")[2]
+        return f"{scheme}://{path}" + (f"?{options}" if options else "")
+
+    def _info(self, name: str = "") -> pyarrow.fs.FileInfo:
+        return self.filesystem.get_file_info(f"{self.path}/{name}" if name else self.path)
+
+    def exists(self, name: str = "") -> bool:
+        return self._info(name).type != pyarrow.fs.FileType.NotFound
+
+    def is_file(self, name: str) -> bool:
+        return self._info(name).type == pyarrow.fs.FileType.File
+
+    def is_dir(self, name: str = "") -> bool:
+        return self._info(name).type == pyarrow.fs.FileType.Directory
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """The names in this folder that match `pattern`, sorted; none if it is absent."""
+        found = self.filesystem.get_file_info(
+            pyarrow.fs.FileSelector(self.path, allow_not_found=True))
+        return sorted(info.base_name for info in found if fnmatch.fnmatch(info.base_name, pattern))
+
+    def read_text(self, name: str) -> str:
+        with self.filesystem.open_input_stream(f"{self.path}/{name}") as stream:
+            return stream.read().decode()
+
+    def write_text(self, name: str, text: str) -> None:
+        with self.written(name) as partial:
+            partial.write_text(text)
+
+    @contextlib.contextmanager
+    def written(self, name: str) -> Iterator[Path]:
+        """A local path to write the file or folder `name` to, which then replaces `name` here.
+        On local disk, renamed into place: a crash never leaves half of one. In a bucket, a
+        file is one upload, which is as whole; a folder is its files uploaded after the old
+        ones are removed, in no fixed order (object stores rename nothing)."""
+        if self.is_local:
+            with written_whole(Path(self.path) / name) as partial:
+                yield partial
+            return
+        with tempfile.TemporaryDirectory(prefix="onecycle-upload-") as scratch:
+            partial = Path(scratch) / name
+            yield partial
+            target = f"{self.path}/{name}"
+            if partial.is_dir() and self.exists(name):
+                self.filesystem.delete_dir(target)
+            pyarrow.fs.copy_files(str(partial), target,
+                                  source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=self.filesystem)
+
+    @contextlib.contextmanager
+    def local_copy(self, name: str = "") -> Iterator[Path]:
+        """The file or folder `name` as a local path: itself on local disk, else a temporary
+        download, removed after the block."""
+        source = f"{self.path}/{name}" if name else self.path
+        if self.is_local:
+            yield Path(source)
+            return
+        with tempfile.TemporaryDirectory(prefix="onecycle-download-") as scratch:
+            copy = Path(scratch) / (name.rsplit("/", 1)[-1] or self.name)
+            pyarrow.fs.copy_files(source, str(copy), source_filesystem=self.filesystem,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+            yield copy
+
+    def remove(self) -> None:
+        self.filesystem.delete_dir(self.path)
+
+    def make(self) -> None:
+        self.filesystem.create_dir(self.path, recursive=True)
+
+    def cache(self) -> Path:
+        """A driver-side folder for what cannot live in a bucket (the Optuna database) or is
+        read locally (a copy of the report): the same path on every machine for the same URI,
+        since the searcher's saved state names the database's path."""
+        digest = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "onecycle-study" / f"{self.name}-{digest}"
+
+
+def optuna_db(experiment: Folder) -> Path:
+    """The Optuna study's SQLite file: in the experiment's folder on local disk; for a bucket,
+    on the driver (SQLite cannot live in a bucket), copied there by `study.search.OptunaCopy`."""
+    return Path(experiment.path) / OPTUNA_DB if experiment.is_local \
+        else experiment.cache() / OPTUNA_DB
+
+
+def optuna_url(experiment: Folder) -> str:
+    """The SQLAlchemy URL of an experiment's Optuna study."""
+    return f"sqlite:///{optuna_db(experiment)}"

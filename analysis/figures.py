@@ -24,7 +24,7 @@ BEST_COLOUR, OTHER_COLOUR = "tab:red", "tab:gray"
 
 def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, format="png")  # also to a ".partial" name
     plt.close(fig)
 
 

@@ -1,11 +1,15 @@
 """The report on a study: its best trial, tested once, explained in figures and one HTML page.
 
 Everything is built in `<experiment>/report.partial/` and renamed to `report/` only when
-complete, so a report that exists is never half-written."""
+complete, so a report that exists is never half-written. For an experiment in a bucket it is
+built in a temporary folder and uploaded when complete, and a copy is kept on this machine to
+open in a browser."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +23,14 @@ from torch import nn
 from analysis import figures
 from analysis.experiment import (
     LR_FINDER_JSON,
+    OPTUNA_DB,
     REPORT_DIR,
     STUDY_JSON,
+    TUNE_STATE,
+    Folder,
     Role,
-    optuna_url,
-    written_whole,
+    StorageError,
+    first_line,
 )
 from analysis.explain import TestEvaluation, evaluate_test, gradcam_maps, misclassified
 from analysis.html import write_index
@@ -69,14 +76,16 @@ class ReportError(ValueError):
     """An experiment that cannot be reported on; one line."""
 
 
-def _check_experiment(experiment_dir: Path) -> dict[str, Any]:
-    if not experiment_dir.is_dir():
-        raise ReportError(f"{experiment_dir}: no such directory")
-    study_file = experiment_dir / STUDY_JSON
-    if not study_file.is_file() or not list(experiment_dir.glob("experiment_state-*.json")):
-        raise ReportError(f"{experiment_dir}: not an experiment directory (no {STUDY_JSON} "
-                          "or no Tune experiment state)")
-    return json.loads(study_file.read_text())
+def _check_experiment(experiment: Folder) -> dict[str, Any]:
+    try:
+        if not experiment.is_dir():
+            raise ReportError(f"{experiment}: no such directory")
+        if not experiment.is_file(STUDY_JSON) or not experiment.names(TUNE_STATE):
+            raise ReportError(f"{experiment}: not an experiment directory (no {STUDY_JSON} "
+                              "or no Tune experiment state)")
+        return json.loads(experiment.read_text(STUDY_JSON))
+    except OSError as err:  # a bucket that cannot be reached or read
+        raise ReportError(f"{experiment}: cannot read it ({first_line(err)})") from None
 
 
 def _history(trial: Trial, checkpoint_state: dict[str, Any]) -> pd.DataFrame:
@@ -100,13 +109,23 @@ def _lr_per_step(config: Config, steps_per_epoch: int) -> list[float]:
     return lrs
 
 
-def _importances(experiment_dir: Path, name: str) -> dict[str, float] | str:
+def _importances(experiment: Folder) -> dict[str, float] | str:
     """Optuna's importances, or why there are none."""
-    storage = optuna_url(experiment_dir)
+    if not experiment.is_file(OPTUNA_DB):
+        return f"no {OPTUNA_DB}"
+    with experiment.local_copy(OPTUNA_DB) as database:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{database}")
+        try:
+            return _ranked(storage, experiment.name)
+        finally:
+            storage.engine.dispose()  # before a downloaded copy is removed
+
+
+def _ranked(storage: optuna.storages.BaseStorage, name: str) -> dict[str, float] | str:
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        return "no Optuna study in optuna.db"
+        return f"no Optuna study in {OPTUNA_DB}"
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(finished) < MIN_TRIALS_FOR_IMPORTANCE:
         return f"{len(finished)} finished trials; importances need {MIN_TRIALS_FOR_IMPORTANCE}"
@@ -120,7 +139,7 @@ def _importances(experiment_dir: Path, name: str) -> dict[str, float] | str:
 class Study:
     """A study as the report sees it: every trial, and its best one loaded and tested."""
 
-    experiment_dir: Path
+    experiment: Folder
     trials: list[Trial]
     table: pd.DataFrame  # results.csv's rows
     best: Trial
@@ -139,18 +158,20 @@ class Study:
         return "test (selection set)" if self.splits.val_is_test else "validation"
 
 
-def _load_study(experiment_dir: Path, data_dir: str | None) -> Study:
-    record = _check_experiment(experiment_dir)
+def _load_study(experiment: Folder, data_dir: str | None) -> Study:
+    record = _check_experiment(experiment)
     base = from_dict(record["config"])
-    trials = load_trials(experiment_dir, base)
+    trials = load_trials(experiment, base)
     table = trial_table(trials)
     best_row = best_trial(table)
     if best_row is None:
-        raise ReportError(f"{experiment_dir}: no completed trial with a checkpoint to report on")
+        raise ReportError(f"{experiment}: no completed trial with a checkpoint to report on")
     best = next(t for t in trials if t.trial_id == best_row["trial_id"])
-    if not (Path(best.checkpoint) / CHECKPOINT_FILE).is_file():
+    checkpoint = Folder.at(best.checkpoint)
+    if not checkpoint.is_file(CHECKPOINT_FILE):
         raise ReportError(f"{best.checkpoint}: the best trial's checkpoint is missing")
-    state = load_checkpoint(best.checkpoint)
+    with checkpoint.local_copy(CHECKPOINT_FILE) as copy:
+        state = load_checkpoint(copy.parent)
     config = from_dict(state["config"])
     if data_dir is not None:
         config = config.replace("data", dir=data_dir)
@@ -161,8 +182,8 @@ def _load_study(experiment_dir: Path, data_dir: str | None) -> Study:
     model = runtime.prepare(model)
     evaluation = evaluate_test(model, splits.test, len(splits.classes), runtime,
                                config.train.batch_size)
-    lr_finder = json.loads((experiment_dir / LR_FINDER_JSON).read_text())
-    return Study(experiment_dir, trials, table, best, best_row, state, config, splits, model,
+    lr_finder = json.loads(experiment.read_text(LR_FINDER_JSON))
+    return Study(experiment, trials, table, best, best_row, state, config, splits, model,
                  runtime, evaluation, lr_finder, record)
 
 
@@ -208,7 +229,7 @@ def _study_figures(study: Study, path: dict[str, Path],
     figures.plot_search_space(table, study.lr_finder["suggested_lr"], study.best.trial_id,
                               study.record["search_space"], trust["confirmation"],
                               path["search_space"])
-    importances = _importances(study.experiment_dir, study.experiment_dir.name)
+    importances = _importances(study.experiment)
     if isinstance(importances, dict):
         figures.plot_importance(importances, path["importance"])
     return importances
@@ -226,7 +247,7 @@ def _summary(study: Study, importances: dict[str, float] | str, trust: dict[str,
     splits, evaluation, classes = study.splits, study.evaluation, study.splits.classes
     history = _history(study.best, study.state)
     return {
-        "experiment": study.experiment_dir.name,
+        "experiment": study.experiment.name,
         "selected_on": "test" if splits.val_is_test else "val",
         "selection_note": ("data.val_size is 0: trials were selected on the test set, so the "
                            "test accuracy below is optimistic" if splits.val_is_test else
@@ -253,12 +274,15 @@ def _summary(study: Study, importances: dict[str, float] | str, trust: dict[str,
     }
 
 
-def build_report(experiment_dir: Path, data_dir: str | None = None) -> Path:
+def build_report(experiment: Folder | str | os.PathLike, data_dir: str | None = None) -> Folder:
     """Write `<experiment>/report/`; return it."""
-    experiment_dir = experiment_dir.resolve()
-    study = _load_study(experiment_dir, data_dir)
-    final = experiment_dir / REPORT_DIR
-    with written_whole(final) as out:
+    if not isinstance(experiment, Folder):
+        try:
+            experiment = Folder.at(experiment)
+        except StorageError as err:
+            raise ReportError(str(err)) from None
+    study = _load_study(experiment, data_dir)
+    with experiment.written(REPORT_DIR) as out:
         out.mkdir()
         path = {key: out / name for key, (name, _) in FIGURES.items()}
         wrong = _original_figures(study, path)
@@ -273,4 +297,20 @@ def build_report(experiment_dir: Path, data_dir: str | None = None) -> Path:
         (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
         write_index(out, summary, study.table,
                     {k: v for k, v in FIGURES.items() if k in summary["figures"]})
-    return final
+        if not experiment.is_local:
+            shutil.rmtree(local_copy(experiment), ignore_errors=True)
+            shutil.copytree(out, local_copy(experiment))
+    return experiment / REPORT_DIR
+
+
+def local_copy(experiment: Folder) -> Path:
+    """Where the report on an experiment in a bucket is also kept, to open here."""
+    return experiment.cache() / REPORT_DIR
+
+
+def where(report: Folder) -> list[str]:
+    """The lines that say where a report is (and its copy here, for one in a bucket)."""
+    lines = [f"report: {report / 'index.html'}"]
+    if not report.is_local:
+        lines.append(f"a copy to open here: {local_copy(report.parent) / 'index.html'}")
+    return lines

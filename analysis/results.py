@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import ray.train
+from pyarrow.fs import FileType
 from ray import tune
 from ray.tune.experiment import Trial as TuneTrial
 
@@ -22,8 +21,9 @@ from analysis.experiment import (
     RESULTS_CSV,
     SEARCHED,
     TRAIN_RUNS,
+    TUNE_STATE,
+    Folder,
     Role,
-    written_whole,
 )
 from trainable.config import Config
 from trainable.constants import TrialStatus
@@ -42,7 +42,7 @@ class Trial:
     status: str  # a TrialStatus, or Tune's own for an interrupted trial (PENDING, ...)
     config: dict  # the searched values
     history: pd.DataFrame  # one row per epoch reported, by the `epoch` metric
-    checkpoint: str | None  # directory of the best epoch's checkpoint
+    checkpoint: str | None  # the best epoch's checkpoint: its folder's path or URI
 
 
 def _history(result: ray.tune.Result) -> pd.DataFrame:
@@ -68,25 +68,27 @@ def _quiet(logger_name: str):
         logger.setLevel(level)
 
 
-def _best_checkpoint(result: ray.tune.Result, experiment_dir: Path, trial_id: str) -> str | None:
-    train_run = experiment_dir / TRAIN_RUNS / f"train-{trial_id}"
+def _best_checkpoint(result: ray.tune.Result, experiment: Folder, trial_id: str) -> str | None:
+    """The URI of the trial's best checkpoint (a local path for a local experiment)."""
+    train_run = experiment / TRAIN_RUNS / f"train-{trial_id}"
     if train_run.is_dir():  # the TorchTrainer path: Ray Train kept the checkpoints
         with _quiet(TRAIN_SNAPSHOT_LOGGER):
-            run = ray.train.Result.from_path(str(train_run))
+            run = ray.train.Result.from_path(train_run.uri)
         checkpoint = run.get_best_checkpoint(METRIC, MODE)
     else:
         scored = [(m.get(METRIC, -math.inf), c) for c, m in result.best_checkpoints or []
                   if not m.get("diverged")]
         checkpoint = max(scored, key=lambda item: item[0])[1] if scored else None
-    if checkpoint is None or not os.path.isdir(checkpoint.path):
+    if checkpoint is None or \
+            checkpoint.filesystem.get_file_info(checkpoint.path).type != FileType.Directory:
         return None
-    return checkpoint.path
+    return experiment.uri_of(checkpoint.path)
 
 
-def _load_experiment(tune_dir: Path, experiment_dir: Path, config: Config,
+def _load_experiment(tune_dir: Folder, experiment: Folder, config: Config,
                      role: Role) -> list[Trial]:
     """The trials of one Tune experiment: the search's, or the confirmation runs'."""
-    analysis = tune.ExperimentAnalysis(str(tune_dir), default_metric=METRIC,
+    analysis = tune.ExperimentAnalysis(tune_dir.uri, default_metric=METRIC,
                                        default_mode=MODE)
     status_of = {t.trial_id: t.status for t in analysis.trials}
     trials = []
@@ -109,16 +111,16 @@ def _load_experiment(tune_dir: Path, experiment_dir: Path, config: Config,
         trials.append(Trial(trial_id, role, point.get("confirms"),
                             point.get("seed", config.train.seed),
                             status, {k: point.get(k) for k in SEARCHED}, history,
-                            _best_checkpoint(result, experiment_dir, trial_id)))
+                            _best_checkpoint(result, experiment, trial_id)))
     return sorted(trials, key=lambda t: t.trial_id)
 
 
-def load_trials(experiment_dir: Path, config: Config) -> list[Trial]:
+def load_trials(experiment: Folder, config: Config) -> list[Trial]:
     """The search's trials, then the confirmation runs' (when the study made some)."""
-    trials = _load_experiment(experiment_dir, experiment_dir, config, Role.SEARCH)
-    confirm_dir = experiment_dir / CONFIRM_DIR
-    if list(confirm_dir.glob("experiment_state-*.json")):
-        trials += _load_experiment(confirm_dir, experiment_dir, config, Role.CONFIRM)
+    trials = _load_experiment(experiment, experiment, config, Role.SEARCH)
+    confirm_dir = experiment / CONFIRM_DIR
+    if confirm_dir.names(TUNE_STATE):
+        trials += _load_experiment(confirm_dir, experiment, config, Role.CONFIRM)
     return trials
 
 
@@ -143,9 +145,9 @@ def trial_table(trials: list[Trial]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def write_results(experiment_dir: Path, config: Config) -> pd.DataFrame:
-    table = trial_table(load_trials(experiment_dir, config))
-    with written_whole(experiment_dir / RESULTS_CSV) as partial:
+def write_results(experiment: Folder, config: Config) -> pd.DataFrame:
+    table = trial_table(load_trials(experiment, config))
+    with experiment.written(RESULTS_CSV) as partial:
         table.to_csv(partial, index=False)
     return table
 

@@ -42,6 +42,7 @@ import ray.train.torch
 import torch
 from ray import tune
 
+from analysis.experiment import Folder
 from study.trial import DRIVER_CPU, RAY_ENV, Resources, make_trainable, train_worker
 from trainable.config import Config, load_config, to_dict
 from trainable.constants import DEFAULT_CONFIG, REPO
@@ -136,7 +137,7 @@ def trial_overhead_s(config: Config, splits_ref: ray.ObjectRef, local: bool, use
     experiment.mkdir()
     clock = TrialClock()
     tuner = tune.Tuner(
-        make_trainable(to_dict(one_epoch), splits_ref, resources, experiment),
+        make_trainable(to_dict(one_epoch), splits_ref, resources, Folder.at(experiment)),
         param_space={"max_lr": one_epoch.train.max_lr, "peak_epoch": 1},
         tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1,
                                     reuse_actors=True),

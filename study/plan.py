@@ -11,13 +11,15 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import torch
 
-from analysis.experiment import STUDY_JSON
+from analysis.experiment import STUDY_JSON, Folder, StorageError, first_line
 from study.search import describe_space
 from study.trial import DRIVER_CPU, Resources
 from trainable.config import Config, from_dict, load_config, to_dict
@@ -32,7 +34,7 @@ class BadInput(ValueError):
 @dataclass(frozen=True)
 class Plan:
     config: Config
-    experiment_dir: Path
+    experiment: Folder  # <storage>/<name>, on local disk or in a bucket
     resume: bool
 
 
@@ -56,12 +58,17 @@ def resolve(args: argparse.Namespace) -> Plan:
     if args.resume and not args.name:
         raise BadInput("--resume needs --name of the experiment to continue")
 
-    storage = Path(args.storage).resolve()
     name = args.name or datetime.datetime.now(datetime.UTC).strftime("study-%Y%m%dT%H%M%SZ")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise BadInput(f"--name {name!r}: must be a plain folder name "
                        "(letters, digits, '.', '_', '-'; not starting with '.' or '-')")
-    experiment_dir = storage / name
+    try:
+        storage = Folder.at(args.storage)
+    except StorageError as err:
+        raise BadInput(str(err)) from None
+    if not storage.is_local:
+        check_bucket(storage)
+    experiment = storage / name
 
     overrides = list(args.overrides)
     for flag, key in ((args.data_dir, "data.dir"), (args.num_samples, "search.num_samples"),
@@ -70,16 +77,15 @@ def resolve(args: argparse.Namespace) -> Plan:
         if flag is not None:
             overrides.append(f"{key}={json.dumps(flag)}")
     if args.resume:
-        saved = experiment_dir / STUDY_JSON
-        if not saved.is_file():
-            raise BadInput(f"{experiment_dir}: no experiment to resume ({STUDY_JSON} missing)")
+        if not experiment.is_file(STUDY_JSON):
+            raise BadInput(f"{experiment}: no experiment to resume ({STUDY_JSON} missing)")
         if overrides or args.config is not None:
             raise BadInput("--resume continues with the experiment's own config: "
                            "drop --config, --set and the flags that change it")
-        config = from_dict(json.loads(saved.read_text())["config"])
+        config = from_dict(json.loads(experiment.read_text(STUDY_JSON))["config"])
     else:
-        if experiment_dir.exists() and not args.overwrite:
-            raise BadInput(f"{experiment_dir}: experiment exists; use --resume to continue it "
+        if experiment.exists() and not args.overwrite:
+            raise BadInput(f"{experiment}: experiment exists; use --resume to continue it "
                            "or --overwrite to replace it")
         config = load_config(args.config or DEFAULT_CONFIG, overrides)
         if config.peak_epoch_range[1] > config.train.epochs:
@@ -90,8 +96,9 @@ def resolve(args: argparse.Namespace) -> Plan:
     if config.train.batch_size % workers:
         raise BadInput(f"train.batch_size={config.train.batch_size} (the global batch) does not "
                        f"split evenly over --workers-per-trial={workers}")
-    check_storage(experiment_dir, config)
-    return Plan(config, experiment_dir, args.resume)
+    if storage.is_local:
+        check_disk(Path(experiment.path), config)
+    return Plan(config, experiment, args.resume)
 
 
 def checkpoint_bytes(config: Config) -> int:
@@ -101,8 +108,32 @@ def checkpoint_bytes(config: Config) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def check_storage(experiment_dir: Path, config: Config) -> None:
-    """Refuse a storage place the study could not finish in: not a writable folder, or with
+def check_bucket(storage: Folder) -> None:
+    """Refuse a bucket URI the study could not write to: unreachable, no such bucket, or
+    writing refused. A probe file is written under `storage` and removed, with the empty
+    folders its removal would leave (object stores keep a marker for them). A bucket's free
+    space is not checked: it has no such figure."""
+    bucket = storage.path.split("/", 1)[0]
+    filesystem = storage.filesystem
+    try:
+        if filesystem.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+            raise BadInput(f"{storage}: there is no bucket {bucket!r}; create it first")
+        folders = storage.path.split("/")
+        absent = [p for p in ("/".join(folders[:i]) for i in range(2, len(folders) + 1))
+                  if filesystem.get_file_info(p).type == pyarrow.fs.FileType.NotFound]
+        probe = f"{storage.path}/.onecycle-write-check-{uuid.uuid4().hex}"
+        with filesystem.open_output_stream(probe):
+            pass
+        filesystem.delete_file(probe)
+        for folder in reversed(absent):  # deepest first: each removal marks its parent
+            if not filesystem.get_file_info(pyarrow.fs.FileSelector(folder)):
+                filesystem.delete_dir(folder)
+    except OSError as err:
+        raise BadInput(f"{storage}: cannot use it ({first_line(err)})") from None
+
+
+def check_disk(experiment_dir: Path, config: Config) -> None:
+    """Refuse a local folder the study could not finish in: not a writable folder, or with
     less free space than every trial's kept checkpoints (a full disk mid-study loses trials)."""
     existing = next(p for p in (experiment_dir, *experiment_dir.parents) if p.exists())
     if not existing.is_dir():
@@ -165,7 +196,7 @@ def print_plan(plan: Plan, resources: Resources, at_once: int, cost: dict[str, A
     """The plan as JSON, with the cost estimate (`said`: as a study prints it)."""
     config = plan.config
     print(json.dumps({
-        "experiment": str(plan.experiment_dir),
+        "experiment": str(plan.experiment),
         "config": to_dict(config),
         "search_space": describe_space(config, None),
         "trials": config.search.num_samples,

@@ -26,9 +26,9 @@ from typing import Any
 import pandas as pd
 import ray
 
-from analysis.experiment import LR_FINDER_JSON, LR_FINDER_PNG, STUDY_JSON, Role, written_whole
+from analysis.experiment import LR_FINDER_JSON, LR_FINDER_PNG, STUDY_JSON, Folder, Role
 from analysis.figures import plot_lr_finder
-from analysis.report import build_report
+from analysis.report import build_report, where
 from analysis.results import best_trial, write_results
 from analysis.trust import edge_check, seed_spread
 from study import cost
@@ -137,9 +137,8 @@ def study_record(args: argparse.Namespace, plan: Plan, resources: Resources,
             "selected_on": "test" if splits.val_is_test else "val"}
 
 
-def write_json(path, payload: dict[str, Any]) -> None:
-    with written_whole(path) as partial:
-        partial.write_text(json.dumps(payload, indent=2))
+def write_json(experiment: Folder, name: str, payload: dict[str, Any]) -> None:
+    experiment.write_text(name, json.dumps(payload, indent=2))
 
 
 # Here, not in study.trial: every trial process imports that module, and torch-lr-finder
@@ -154,17 +153,16 @@ def remote_range_test(base: dict[str, Any], splits_ref: list) -> dict[str, Any]:
 def range_test_results(plan: Plan, splits_ref: ray.ObjectRef,
                        resources: Resources) -> dict[str, Any]:
     """The range test's results, from a previous run of this experiment when there is one."""
-    saved = plan.experiment_dir / LR_FINDER_JSON
-    if saved.is_file():
-        return json.loads(saved.read_text())
+    if plan.experiment.is_file(LR_FINDER_JSON):
+        return json.loads(plan.experiment.read_text(LR_FINDER_JSON))
     bundle = resources.worker_bundle()
     print("LR range test ...", flush=True)
     found = ray.get(remote_range_test.options(
         num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
     ).remote(to_dict(plan.config), [splits_ref]))
-    plot_lr_finder(found["lrs"], found["losses"], found["suggested_lr"],
-                   plan.experiment_dir / LR_FINDER_PNG)
-    write_json(saved, found)
+    with plan.experiment.written(LR_FINDER_PNG) as partial:
+        plot_lr_finder(found["lrs"], found["losses"], found["suggested_lr"], partial)
+    write_json(plan.experiment, LR_FINDER_JSON, found)
     return found
 
 
@@ -176,8 +174,8 @@ def all_ended(table: pd.DataFrame, role: Role, expected: int) -> bool:
 
 def resume_command(args: argparse.Namespace, plan: Plan) -> str:
     """The command that continues this study, with the flags that say where it runs."""
-    command = ["python", "study/run.py", "--resume", "--name", plan.experiment_dir.name,
-               "--storage", str(plan.experiment_dir.parent)]
+    command = ["python", "study/run.py", "--resume", "--name", plan.experiment.name,
+               "--storage", str(plan.experiment.parent)]
     for flag in ("address", "workers_per_trial", "cpus_per_worker", "gpus_per_trial"):
         if getattr(args, flag) is not None:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -204,15 +202,18 @@ def open_experiment(args: argparse.Namespace, plan: Plan, resources: Resources, 
                     estimate: cost.Estimate) -> dict[str, Any]:
     """study.json of a new experiment, written in a fresh folder, or of the one resumed, with
     the wall time its earlier runs took."""
-    saved = plan.experiment_dir / STUDY_JSON
-    earlier_s = json.loads(saved.read_text()).get("wall_s", 0.0) if plan.resume else 0.0
-    if not plan.resume:
-        if plan.experiment_dir.exists():  # --overwrite, checked in resolve()
-            shutil.rmtree(plan.experiment_dir)
-        plan.experiment_dir.mkdir(parents=True)
+    experiment = plan.experiment
+    earlier_s = 0.0
+    if plan.resume:
+        earlier_s = json.loads(experiment.read_text(STUDY_JSON)).get("wall_s", 0.0)
+    else:
+        if experiment.exists():  # --overwrite, checked in resolve()
+            experiment.remove()
+        shutil.rmtree(experiment.cache(), ignore_errors=True)  # an earlier study's, if any
+        experiment.make()
     study = {**study_record(args, plan, resources, splits),
              "cost_estimate": estimate.to_dict(), "wall_s": earlier_s}
-    write_json(saved, study)
+    write_json(experiment, STUDY_JSON, study)
     return study
 
 
@@ -225,13 +226,13 @@ def confirm(plan: Plan, study: dict[str, Any], table: pd.DataFrame, trainable,
     if not points:
         return table, 0, True
     study["confirmation"] = {"seeds": search.confirm_seeds, "points": points}
-    write_json(plan.experiment_dir / STUDY_JSON, study)
+    write_json(plan.experiment, STUDY_JSON, study)
     print(f"confirmation: the search's top {len({p['confirms'] for p in points})} configs "
           f"again, {search.confirm_seeds} more seed{'s' * (search.confirm_seeds > 1)} each",
           flush=True)
-    make_confirm_tuner(plan.config, plan.experiment_dir, plan.resume, trainable, points,
+    make_confirm_tuner(plan.config, plan.experiment, plan.resume, trainable, points,
                        resources.local, [cost.TimeLeft(estimate, len(points))]).fit()
-    table = write_results(plan.experiment_dir, plan.config)
+    table = write_results(plan.experiment, plan.config)
     return table, len(points), all_ended(table, Role.CONFIRM, len(points))
 
 
@@ -259,13 +260,12 @@ def conclude(args: argparse.Namespace, plan: Plan, splits: Splits, study: dict[s
             print(f"confirmation: {spread['verdict']}", flush=True)
     if args.no_report or best is None:
         return 0
-    report = build_report(plan.experiment_dir)
-    print(f"report: {report / 'index.html'}", flush=True)
+    print("\n".join(where(build_report(plan.experiment))), flush=True)
     return 0
 
 
 def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
-    context = start_ray(args, plan.experiment_dir.name)
+    context = start_ray(args, plan.experiment.name)
     try:
         cluster = ray.cluster_resources()
         resources = trial_resources(args, cluster)
@@ -286,26 +286,26 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
         print(f"LR range test estimate: {found['suggested_lr']:.4g}", flush=True)
         study.update(estimate=found["suggested_lr"],
                      search_space=describe_space(plan.config, found["suggested_lr"]))
-        write_json(plan.experiment_dir / STUDY_JSON, study)
+        write_json(plan.experiment, STUDY_JSON, study)
 
         trainable = make_trainable(to_dict(plan.config), splits_ref, resources,
-                                   plan.experiment_dir)
+                                   plan.experiment)
         search = plan.config.search
-        make_tuner(plan.config, plan.experiment_dir, plan.resume, trainable,
+        make_tuner(plan.config, plan.experiment, plan.resume, trainable,
                    found["suggested_lr"], resources.local,
                    [cost.TimeLeft(estimate, search.num_samples,
                                   later=search.confirm_top * search.confirm_seeds)]).fit()
-        table = write_results(plan.experiment_dir, plan.config)
+        table = write_results(plan.experiment, plan.config)
         total = search.num_samples
         finished = all_ended(table, Role.SEARCH, total)
         if finished:
-            close_orphaned_optuna_trials(plan.experiment_dir)
+            close_orphaned_optuna_trials(plan.experiment)
             table, confirm_runs, finished = confirm(plan, study, table, trainable, resources,
                                                     estimate)
             total += confirm_runs
         # The study's wall time (range test, search, confirmation), summed over the driver's
         # runs when resumed.
-        write_json(plan.experiment_dir / STUDY_JSON,
+        write_json(plan.experiment, STUDY_JSON,
                    {**study, "wall_s": study["wall_s"] + time.monotonic() - started,
                     "finished": finished})
     finally:
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # before the search, or before Tune took over Ctrl-C
-        if plan is not None and (plan.experiment_dir / STUDY_JSON).is_file():
+        if plan is not None and plan.experiment.is_file(STUDY_JSON):
             return interrupted(args, plan, 0, plan.config.search.num_samples)
         print("interrupted before the study started; nothing was written", flush=True)
         return EXIT_INTERRUPTED

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
+import shutil
 from typing import Any
 
 import optuna
@@ -14,7 +14,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from analysis.experiment import CONFIRM_DIR, METRIC, MODE, optuna_url
+from analysis.experiment import CONFIRM_DIR, METRIC, MODE, OPTUNA_DB, Folder, optuna_db, optuna_url
 from analysis.results import ranked_search_trials
 from study.trial import DivergenceStopper
 from trainable.config import Config
@@ -69,10 +69,47 @@ def confirmation_points(table: pd.DataFrame, config: Config) -> list[dict[str, A
             for _, row in top.iterrows() for extra in range(1, search.confirm_seeds + 1)]
 
 
-def close_orphaned_optuna_trials(experiment_dir: Path) -> None:
+class OptunaCopy(tune.Callback):
+    """For a study in a bucket: the driver's Optuna database copied there whenever it has
+    changed, checked after every step of Tune's loop (so after every suggestion, result and
+    trial end). SQLite cannot live in a bucket."""
+
+    def __init__(self, experiment: Folder):
+        self.experiment = experiment
+        self.copied: tuple[int, int] | None = None  # (mtime_ns, size) of the last copy
+
+    def copy(self) -> None:
+        database = optuna_db(self.experiment)
+        if not database.is_file():
+            return
+        stat = database.stat()
+        if (stat.st_mtime_ns, stat.st_size) == self.copied:
+            return
+        with self.experiment.written(OPTUNA_DB) as partial:
+            shutil.copyfile(database, partial)
+        self.copied = (stat.st_mtime_ns, stat.st_size)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        self.copy()
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self.copy()
+
+
+def open_optuna_db(experiment: Folder) -> None:
+    """For a study in a bucket: its Optuna database on the driver, fetched from the bucket
+    when this machine has none (a resume elsewhere). A copy here is the newer one."""
+    database = optuna_db(experiment)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    if not experiment.is_local and not database.is_file() and experiment.is_file(OPTUNA_DB):
+        with experiment.local_copy(OPTUNA_DB) as copy:
+            shutil.copyfile(copy, database)
+
+
+def close_orphaned_optuna_trials(experiment: Folder) -> None:
     """Mark FAIL the Optuna trials still RUNNING once Tune has finished: suggestions made by a
     driver that was killed before it saved them, which no Tune trial will ever complete."""
-    storage = optuna.storages.RDBStorage(optuna_url(experiment_dir))
+    storage = optuna.storages.RDBStorage(optuna_url(experiment))
     running = (optuna.trial.TrialState.RUNNING,)
     for summary in optuna.get_all_study_summaries(storage):
         study_id = storage.get_study_id_from_name(summary.study_name)
@@ -81,20 +118,26 @@ def close_orphaned_optuna_trials(experiment_dir: Path) -> None:
             storage.set_trial_user_attr(trial_id, "closed_by",
                                         "study/run.py: its driver was killed before saving it")
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    storage.remove_session()
+    if not experiment.is_local:
+        OptunaCopy(experiment).copy()
 
 
-def make_tuner(config: Config, experiment_dir: Path, resume: bool, trainable, estimate: float,
+def make_tuner(config: Config, experiment: Folder, resume: bool, trainable, estimate: float,
                local: bool, callbacks: list[tune.Callback]) -> tune.Tuner:
-    """The Tuner of a new study, or of the one in `experiment_dir` when resuming it."""
+    """The Tuner of a new study, or of the one in `experiment` when resuming it."""
     os.environ.setdefault(*TUNE_STATE_PERIOD)  # read by Tune's controller, in this process
     search = config.search
-    if resume and tune.Tuner.can_restore(str(experiment_dir)):
-        return tune.Tuner.restore(str(experiment_dir), trainable=trainable,
+    open_optuna_db(experiment)
+    if resume and tune.Tuner.can_restore(experiment.uri):  # its callbacks come back with it
+        return tune.Tuner.restore(experiment.uri, trainable=trainable,
                                   resume_unfinished=True, resume_errored=True)
+    if not experiment.is_local:
+        callbacks = [*callbacks, OptunaCopy(experiment)]
     space, first = search_space(config, estimate)
     searcher = OptunaSearch(
-        points_to_evaluate=[first], seed=config.train.seed, study_name=experiment_dir.name,
-        storage=optuna.storages.RDBStorage(optuna_url(experiment_dir)),
+        points_to_evaluate=[first], seed=config.train.seed, study_name=experiment.name,
+        storage=optuna.storages.RDBStorage(optuna_url(experiment)),
     )
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.epochs,
@@ -108,19 +151,19 @@ def make_tuner(config: Config, experiment_dir: Path, resume: bool, trainable, es
             metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
             num_samples=search.num_samples, max_concurrent_trials=search.max_concurrent,
             **_trial_processes(local)),
-        run_config=_run_config(config, experiment_dir, local, callbacks),
+        run_config=_run_config(config, experiment, local, callbacks),
     )
 
 
-def make_confirm_tuner(config: Config, experiment_dir: Path, resume: bool, trainable,
+def make_confirm_tuner(config: Config, experiment: Folder, resume: bool, trainable,
                        points: list[dict[str, Any]], local: bool,
                        callbacks: list[tune.Callback]) -> tune.Tuner:
     """The confirmation runs (`points`: searched values, `seed`, the trial they `confirm`),
     each once, as a Tune experiment of its own in `<experiment>/confirm/`: the search's
     Tuner can only add trials its searcher suggests."""
-    confirm_dir = experiment_dir / CONFIRM_DIR
-    if resume and tune.Tuner.can_restore(str(confirm_dir)):
-        return tune.Tuner.restore(str(confirm_dir), trainable=trainable,
+    confirm_dir = experiment / CONFIRM_DIR
+    if resume and tune.Tuner.can_restore(confirm_dir.uri):
+        return tune.Tuner.restore(confirm_dir.uri, trainable=trainable,
                                   resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,
@@ -142,11 +185,11 @@ def _trial_processes(local: bool) -> dict[str, Any]:
         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
 
 
-def _run_config(config: Config, tune_dir: Path, local: bool,
+def _run_config(config: Config, tune_dir: Folder, local: bool,
                 callbacks: list[tune.Callback]) -> tune.RunConfig:
     search = config.search
     return tune.RunConfig(
-        name=tune_dir.name, storage_path=str(tune_dir.parent),
+        name=tune_dir.name, storage_path=tune_dir.parent.uri,
         stop=DivergenceStopper(), callbacks=callbacks,
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=search.num_to_keep, checkpoint_score_attribute=METRIC,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import ray.train.torch
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
 
-from analysis.experiment import METRIC, MODE, SEARCHED, TRAIN_RUNS
+from analysis.experiment import METRIC, MODE, SEARCHED, TRAIN_RUNS, Folder
 from trainable.config import Config, from_dict, to_dict
 from trainable.constants import CHECKPOINT_FILE
 from trainable.device import select_runtime
@@ -77,24 +78,39 @@ def _report_to(report_fn, checkpoint_cls):
     return report
 
 
-def restore_candidates(latest: str | Path) -> list[Path]:
-    """The checkpoints to continue a trial from, newest first: `latest`, the one Tune or Train
-    hands back, then the older ones beside it, should it be unreadable (both keep a trial's
-    checkpoints side by side, named so that they sort by time)."""
-    latest = Path(latest)
-    older = [p for p in latest.parent.iterdir()
-             if p.name < latest.name and (p / CHECKPOINT_FILE).is_file()]
-    return [latest] + sorted(older, key=lambda p: p.name, reverse=True)
+def restore_candidates(latest: str | Path,
+                       filesystem: pyarrow.fs.FileSystem | None = None) -> list[str]:
+    """The checkpoints to continue a trial from, newest first, as paths in `filesystem` (local
+    by default): `latest`, the one Tune or Train hands back, then the older ones beside it,
+    should it be unreadable (both keep a trial's checkpoints side by side, named so that they
+    sort by time)."""
+    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
+    latest = str(latest).rstrip("/")
+    folder, name = latest.rsplit("/", 1)
+    older = [info.path for info in filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
+             if info.type == pyarrow.fs.FileType.Directory and info.base_name < name
+             and filesystem.get_file_info(f"{info.path}/{CHECKPOINT_FILE}").type
+             == pyarrow.fs.FileType.File]
+    return [latest] + sorted(older, key=lambda p: p.rsplit("/", 1)[-1], reverse=True)
 
 
 @contextlib.contextmanager
-def _resume_from(checkpoint) -> Iterator[list[Path]]:
-    """`restore_candidates` of a Ray checkpoint; none when there is nothing to continue."""
+def _resume_from(checkpoint) -> Iterator[list[str]]:
+    """`restore_candidates` of a Ray checkpoint as local folders (from a bucket, downloaded
+    for the block); none when there is nothing to continue."""
     if checkpoint is None:
         yield []
         return
-    with checkpoint.as_directory() as latest:
-        yield restore_candidates(latest)
+    candidates = restore_candidates(checkpoint.path, checkpoint.filesystem)
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield candidates
+        return
+    with tempfile.TemporaryDirectory(prefix="onecycle-resume-") as scratch:
+        copies = [f"{scratch}/{candidate.rsplit('/', 1)[-1]}" for candidate in candidates]
+        for candidate, copy in zip(candidates, copies, strict=True):
+            pyarrow.fs.copy_files(candidate, copy, source_filesystem=checkpoint.filesystem,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+        yield copies
 
 
 def _newest_in_trial_folder() -> tune.Checkpoint | None:
@@ -225,7 +241,7 @@ def torch_trial(params: dict[str, Any], *, base: dict[str, Any], splits_ref: lis
 
 
 def make_trainable(base: dict[str, Any], splits_ref: ray.ObjectRef, resources: Resources,
-                   experiment_dir: Path):
+                   experiment: Folder):
     """The Tune trainable; constants reach it by parameter, never through the search space.
     The data goes once into the object store (a list keeps Tune from resolving the ref)."""
     if resources.local:
@@ -233,7 +249,7 @@ def make_trainable(base: dict[str, Any], splits_ref: ray.ObjectRef, resources: R
     else:
         fn = tune.with_parameters(torch_trial, base=base, splits_ref=[splits_ref],
                                   resources=resources,
-                                  train_storage=str(experiment_dir / TRAIN_RUNS))
+                                  train_storage=(experiment / TRAIN_RUNS).uri)
     return tune.with_resources(fn, resources.trial_bundle())
 
 

@@ -109,5 +109,5 @@ def test_any_command_line_starts_a_valid_study_or_is_refused_in_one_line(
     else:
         (plan,) = started
         assert plan.config == from_dict(to_dict(plan.config))
-        assert plan.experiment_dir.parent == storage
+        assert plan.experiment.parent.path == str(storage)
     assert not storage.exists()  # nothing is written before the study starts

@@ -16,7 +16,7 @@ import optuna
 import psutil
 import pytest
 
-from analysis.experiment import LR_FINDER_JSON, REPORT_DIR, STUDY_JSON, optuna_url
+from analysis.experiment import LR_FINDER_JSON, REPORT_DIR, STUDY_JSON, Folder, optuna_url
 
 from .helpers import REPO, RUN, reports, results, tiny, trial_epochs
 
@@ -93,7 +93,7 @@ def test_driver_killed_at_four_moments_resumes_to_exactly_num_samples(ray_addres
     # The trial killed mid-way went on from its checkpoint: no epoch it had reported ran again.
     assert seen[interrupted][:len(before)] == before
     assert seen[interrupted].count(1) == 1, seen[interrupted]
-    storage = optuna_url(experiment)
+    storage = optuna_url(Folder.at(experiment))
     (summary,) = optuna.get_all_study_summaries(storage)
     states = [t.state for t in optuna.load_study(study_name=summary.study_name,
                                                  storage=storage).trials]

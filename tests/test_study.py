@@ -19,6 +19,7 @@ from analysis.experiment import (
     RESULTS_CSV,
     STUDY_JSON,
     TRAIN_RUNS,
+    Folder,
     optuna_url,
 )
 from study.run import main as study_main
@@ -58,7 +59,7 @@ def test_one_report_per_epoch_with_a_checkpoint(finished):
 
 def test_optuna_study_is_kept_in_sqlite(finished):
     experiment, _ = finished
-    storage = optuna_url(experiment)
+    storage = optuna_url(Folder.at(experiment))
     (summary,) = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
     assert len(trials) == 3
