@@ -171,8 +171,7 @@ class Folder:
             return
         with tempfile.TemporaryDirectory(prefix="onecycle-download-") as scratch:
             copy = Path(scratch) / (name.rsplit("/", 1)[-1] or self.name)
-            pyarrow.fs.copy_files(source, str(copy), source_filesystem=self.filesystem,
-                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+            download(self.filesystem, source, copy)
             yield copy
 
     def remove(self) -> None:
@@ -187,6 +186,14 @@ class Folder:
         since the searcher's saved state names the database's path."""
         digest = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / "onecycle-study" / f"{self.name}-{digest}"
+
+
+def download(filesystem: pyarrow.fs.FileSystem, source: str, copy: Path) -> None:
+    """The file or folder `source` of `filesystem` to the local path `copy`."""
+    if filesystem.get_file_info(source).type == pyarrow.fs.FileType.Directory:
+        copy.mkdir(parents=True)  # pyarrow makes the folders below, not this one
+    pyarrow.fs.copy_files(source, str(copy), source_filesystem=filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
 
 
 def optuna_db(experiment: Folder) -> Path:

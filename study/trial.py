@@ -20,7 +20,7 @@ import ray.train.torch
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
 
-from analysis.experiment import METRIC, MODE, SEARCHED, TRAIN_RUNS, Folder
+from analysis.experiment import METRIC, MODE, SEARCHED, TRAIN_RUNS, Folder, download
 from trainable.config import Config, from_dict, to_dict
 from trainable.constants import CHECKPOINT_FILE
 from trainable.device import select_runtime
@@ -106,11 +106,10 @@ def _resume_from(checkpoint) -> Iterator[list[str]]:
         yield candidates
         return
     with tempfile.TemporaryDirectory(prefix="onecycle-resume-") as scratch:
-        copies = [f"{scratch}/{candidate.rsplit('/', 1)[-1]}" for candidate in candidates]
+        copies = [Path(scratch) / candidate.rsplit("/", 1)[-1] for candidate in candidates]
         for candidate, copy in zip(candidates, copies, strict=True):
-            pyarrow.fs.copy_files(candidate, copy, source_filesystem=checkpoint.filesystem,
-                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
-        yield copies
+            download(checkpoint.filesystem, candidate, copy)
+        yield [str(copy) for copy in copies]
 
 
 def _newest_in_trial_folder() -> tune.Checkpoint | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import optuna
 import pandas as pd
 import psutil
 import pytest
@@ -192,6 +194,8 @@ def test_a_study_in_a_bucket_resumes_after_a_driver_kill_and_is_reported_from_th
     assert STUDY_JSON in {k.rsplit("/", 1)[-1] for k in _keys(s3)}
     assert RESULTS_CSV not in {k.rsplit("/", 1)[-1] for k in _keys(s3)}
 
+    # Resumed as on another machine: without the driver's copy of the Optuna database.
+    shutil.rmtree(Folder.at(f"{storage}/cloud").cache())
     resume = [*RUN, "--resume", "--name", "cloud", "--storage", storage, "--local",
               "--no-report"]
     resumed = subprocess.run(resume, cwd=workdir, env=env, capture_output=True, text=True,
@@ -217,7 +221,23 @@ def test_a_study_in_a_bucket_resumes_after_a_driver_kill_and_is_reported_from_th
     summary = json.loads(_read(s3, f"{prefix}{REPORT_DIR}/summary.json"))
     assert summary["best_trial"]["trial_id"] in set(table["trial_id"])
     assert summary["trials_by_status"] == {"COMPLETED": 2}
-    optuna_db = _read(s3, prefix + OPTUNA_DB)
-    assert optuna_db.startswith(b"SQLite format 3")
+    # The bucket's copy of the Optuna study is its final state: both trials told.
+    database = tmp_path / OPTUNA_DB
+    database.write_bytes(_read(s3, prefix + OPTUNA_DB))
+    told = optuna.load_study(study_name="cloud", storage=f"sqlite:///{database}").trials
+    assert [t.state for t in told] == [optuna.trial.TrialState.COMPLETE] * 2
     # Nothing but caches on local disk: no experiment folder where the commands ran.
     assert list(workdir.iterdir()) == []
+
+
+def test_a_folder_under_a_uri_keeps_its_scheme_and_options(tmp_path):
+    runs = Folder.at("s3://studies/runs/?endpoint_override=http://127.0.0.1:9")
+    experiment = runs / "cloud"
+    assert experiment.uri == "s3://studies/runs/cloud?endpoint_override=http://127.0.0.1:9"
+    assert (experiment.path, experiment.name, experiment.is_local) == \
+        ("studies/runs/cloud", "cloud", False)
+    assert experiment.parent == runs
+    assert experiment.uri_of("studies/runs/cloud/trial_1") == \
+        "s3://studies/runs/cloud/trial_1?endpoint_override=http://127.0.0.1:9"
+    local = Folder.at(tmp_path / "runs") / "cloud"
+    assert (local.uri, local.is_local) == (str(tmp_path / "runs" / "cloud"), True)
