@@ -34,6 +34,7 @@ from analysis.experiment import (
 )
 from study.plan import check_bucket
 from study.run import main as study_main
+from trainable.constants import CHECKPOINT_FILE
 
 from .helpers import EPOCHS, REPO, RUN, free_port, tiny
 
@@ -166,9 +167,10 @@ def test_a_study_in_a_bucket_resumes_after_a_driver_kill_and_is_reported_from_th
     """2 trials with --local; the driver SIGKILLed once the first checkpoint is in the bucket;
     `--resume` from the URI; `python -m analysis URI`. Nothing but caches on local disk."""
     storage = f"s3://{BUCKET}/runs"
-    env = {**os.environ, **s3, "PYTHONPATH": str(REPO)}
-    workdir = tmp_path / "workdir"  # where the commands run: nothing may appear there
+    workdir, home = tmp_path / "workdir", tmp_path / "home"  # where the commands run; $HOME
     workdir.mkdir()
+    home.mkdir()
+    env = {**os.environ, **s3, "PYTHONPATH": str(REPO), "HOME": str(home)}
     first = [*RUN, *tiny(synthetic_dir, "--local", "--storage", storage, "--name", "cloud",
                          "--num-samples", "2", "--no-report")]
     driver = subprocess.Popen(first, cwd=workdir, env=env, stdout=subprocess.DEVNULL,
@@ -226,8 +228,12 @@ def test_a_study_in_a_bucket_resumes_after_a_driver_kill_and_is_reported_from_th
     database.write_bytes(_read(s3, prefix + OPTUNA_DB))
     told = optuna.load_study(study_name="cloud", storage=f"sqlite:///{database}").trials
     assert [t.state for t in told] == [optuna.trial.TrialState.COMPLETE] * 2
-    # Nothing but caches on local disk: no experiment folder where the commands ran.
+    # Nothing but caches on local disk: no experiment folder where the commands ran, and none
+    # of the experiment's files in either folder (the driver's cache is in the temp folder).
     assert list(workdir.iterdir()) == []
+    experiment_files = {STUDY_JSON, LR_FINDER_JSON, RESULTS_CSV, OPTUNA_DB, CHECKPOINT_FILE,
+                        "index.html", "result.json", "experiment_state"}
+    assert [p for p in home.rglob("*") if p.name.split("-")[0] in experiment_files] == []
 
 
 def test_a_folder_under_a_uri_keeps_its_scheme_and_options(tmp_path):
