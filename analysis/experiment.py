@@ -127,7 +127,7 @@ class Folder:
     def is_dir(self, name: str = "") -> bool:
         return self._info(name).type == pyarrow.fs.FileType.Directory
 
-    def names(self, pattern: str = "*") -> list[str]:
+    def names(self, pattern: str) -> list[str]:
         """The names in this folder that match `pattern`, sorted; none if it is absent."""
         found = self.filesystem.get_file_info(
             pyarrow.fs.FileSelector(self.path, allow_not_found=True))
@@ -162,16 +162,15 @@ class Folder:
                                   destination_filesystem=self.filesystem)
 
     @contextlib.contextmanager
-    def local_copy(self, name: str = "") -> Iterator[Path]:
+    def local_copy(self, name: str) -> Iterator[Path]:
         """The file or folder `name` as a local path: itself on local disk, else a temporary
         download, removed after the block."""
-        source = f"{self.path}/{name}" if name else self.path
         if self.is_local:
-            yield Path(source)
+            yield Path(self.path) / name
             return
         with tempfile.TemporaryDirectory(prefix="onecycle-download-") as scratch:
-            copy = Path(scratch) / (name.rsplit("/", 1)[-1] or self.name)
-            download(self.filesystem, source, copy)
+            copy = Path(scratch) / name
+            download(self.filesystem, f"{self.path}/{name}", copy)
             yield copy
 
     def remove(self) -> None:

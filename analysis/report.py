@@ -298,12 +298,12 @@ def build_report(experiment: Folder | str | os.PathLike, data_dir: str | None = 
         write_index(out, summary, study.table,
                     {k: v for k, v in FIGURES.items() if k in summary["figures"]})
         if not experiment.is_local:
-            shutil.rmtree(local_copy(experiment), ignore_errors=True)
-            shutil.copytree(out, local_copy(experiment))
+            shutil.rmtree(local_report(experiment), ignore_errors=True)
+            shutil.copytree(out, local_report(experiment))
     return experiment / REPORT_DIR
 
 
-def local_copy(experiment: Folder) -> Path:
+def local_report(experiment: Folder) -> Path:
     """Where the report on an experiment in a bucket is also kept, to open here."""
     return experiment.cache() / REPORT_DIR
 
@@ -312,5 +312,5 @@ def where(report: Folder) -> list[str]:
     """The lines that say where a report is (and its copy here, for one in a bucket)."""
     lines = [f"report: {report / 'index.html'}"]
     if not report.is_local:
-        lines.append(f"a copy to open here: {local_copy(report.parent) / 'index.html'}")
+        lines.append(f"a copy to open here: {local_report(report.parent) / 'index.html'}")
     return lines
