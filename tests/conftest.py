@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 
 from study.trial import RAY_ENV
@@ -58,13 +60,36 @@ def ray_address():
     port = free_port()
     ray_bin = Path(sys.executable).with_name("ray")
     subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--num-gpus=0", f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1",
+                    "--num-gpus=0", f"--temp-dir={temp_dir}",
+                    f"--ray-client-server-port={free_port()}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={free_port()}", "--disable-usage-stats"],
                    check=True, capture_output=True, timeout=120,
                    env={**os.environ, **RAY_ENV})
     yield f"127.0.0.1:{port}"
-    subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, timeout=120)
+    stop_ray_started_in(temp_dir, port)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_ray_started_in(temp_dir: str, port: int) -> None:
+    """End the Ray whose processes name `temp_dir` (GCS, raylet, dashboard) or its GCS port
+    (the client server), and their children (workers and agents, which rename themselves):
+    never `ray stop`, which ends every Ray on the machine, a user's own cluster too."""
+    def started_here(args: list[str]) -> bool:
+        return any(temp_dir in arg or (arg.startswith("--address=") and arg.endswith(f":{port}"))
+                   for arg in args)
+
+    heads = [p for p in psutil.process_iter(["cmdline"]) if started_here(p.info["cmdline"] or [])]
+    family = set(heads)
+    for head in heads:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            family.update(head.children(recursive=True))
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,6 @@ from trainable.model import build_model
 
 from .helpers import results
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def report(finished):
@@ -43,6 +41,8 @@ def best(report):
     return summary, model.eval(), load_splits(config.data)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_every_figure_is_a_real_png(report):
     summary = json.loads((report / SUMMARY_JSON).read_text())
     # 3 trials: too few for Optuna's importances, which the summary says.
@@ -56,6 +56,8 @@ def test_every_figure_is_a_real_png(report):
             assert image.format == "PNG" and image.width >= 400 and image.height >= 250, key
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_test_accuracy_is_a_recomputation(best):
     summary, model, splits = best
     loader = make_loader(splits.test, eval_transform(), 64, num_workers=0, shuffle=False)
@@ -70,6 +72,8 @@ def test_test_accuracy_is_a_recomputation(best):
     assert summary["trials_by_status"] == {"COMPLETED": 3}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_misclassified_gallery_is_really_misclassified(report, best):
     summary, model, splits = best
     gallery = json.loads((report / MISCLASSIFIED_JSON).read_text())
@@ -86,6 +90,8 @@ def test_misclassified_gallery_is_really_misclassified(report, best):
         assert entry["confidence"] == pytest.approx(probabilities.max().item(), abs=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_gradcam_maps_are_normalised_and_not_constant(best):
     _, model, splits = best
     images = splits.test.images[:6]
@@ -96,6 +102,8 @@ def test_gradcam_maps_are_normalised_and_not_constant(best):
         assert cam.max() - cam.min() > 0.1
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_index_html_shows_every_figure_and_the_trial_table(finished, report):
     experiment, _ = finished
     page = (report / "index.html").read_text()
@@ -113,6 +121,8 @@ def test_index_html_shows_every_figure_and_the_trial_table(finished, report):
     assert "search wall time" in page and "estimated before it started" in page
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_a_second_run_gives_the_same_summary(finished, report):
     experiment, _ = finished
     first = (report / SUMMARY_JSON).read_text()
@@ -128,6 +138,8 @@ def test_not_an_experiment(tmp_path, capsys):
     assert "not an experiment directory" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_a_missing_checkpoint_leaves_no_report(finished, tmp_path, capsys):
     experiment, _ = finished
     copy = tmp_path / experiment.name

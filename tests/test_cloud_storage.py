@@ -38,8 +38,6 @@ from trainable.constants import CHECKPOINT_FILE
 
 from .helpers import EPOCHS, REPO, RUN, free_port, tiny
 
-pytestmark = pytest.mark.slow
-
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 BUCKET = "studies"
 
@@ -104,11 +102,14 @@ def s3(server_factory, monkeypatch) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_the_write_check_leaves_nothing_in_the_bucket(s3):
     check_bucket(Folder.at(f"s3://{BUCKET}/a/b/runs"))
     assert _keys(s3) == []
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("storage, message", [
     (f"s3://absent-{BUCKET}/runs", "there is no bucket 'absent-studies'; create it first"),
     ("s3://", "s3://: names no bucket"),
@@ -133,6 +134,7 @@ def test_a_server_that_does_not_answer_is_refused(synthetic_dir, capsys, monkeyp
     assert f"s3://{BUCKET}/runs: cannot use it" in err and "connect" in err.lower()
 
 
+@pytest.mark.slow
 def test_a_bucket_this_driver_may_only_read_is_refused(server_factory, synthetic_dir, capsys,
                                                        monkeypatch):
     # IAM checks start after the 4 set-up calls below: a user who may only read the bucket.
@@ -162,6 +164,8 @@ def _children(pid: int) -> list[psutil.Process]:
         return []
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_study_in_a_bucket_resumes_after_a_driver_kill_and_is_reported_from_there(
         s3, synthetic_dir, tmp_path):
     """2 trials with --local; the driver SIGKILLed once the first checkpoint is in the bucket;

@@ -104,6 +104,7 @@ def _worker(rank: int, world: int, port: int, config, out: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_ddp_over_two_processes_with_bf16_channels_last_and_device_augmentation(tiny_config,
                                                                                tmp_path):
     config = tiny_config.replace("data", augment_on="gpu", limit_train=32, val_size=17) \
@@ -137,6 +138,7 @@ def test_ddp_over_two_processes_with_bf16_channels_last_and_device_augmentation(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_compiled_training_compiles_once_and_saves_the_plain_module(tiny_config, monkeypatch):
     """40 images in batches of 16: without dropping the partial batch of 8, its new shape
     would recompile the model in every epoch."""

@@ -100,6 +100,7 @@ def test_training_with_device_augmentation_and_the_switches(tiny_config):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_benchmark_runs_and_writes_its_keys(ray_address, tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([RUN[0], str(REPO / "study" / "bench.py"), "--device", "cpu",

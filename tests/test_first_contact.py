@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pandas as pd
+import pytest
 
 from analysis.experiment import RESULTS_CSV, STUDY_JSON
 from study.cluster import dashboard_line
@@ -74,6 +75,8 @@ def test_a_long_study_without_a_gpu_says_so_and_names_smaller_runs(smoke_config)
                         splits)[-1].startswith("warning")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_the_cost_is_said_before_the_trials_and_is_near_their_time(finished):
     """The session's 3-trial --local study (2 at a time): what it said, and what it took."""
     experiment, run = finished

@@ -196,6 +196,7 @@ def test_cli_diverged_run_exits_3(synthetic_dir, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_cli_smoke_run_learns_and_ends_with_json(synthetic_dir, tmp_path):
     saved = tmp_path / "model.pt"
     run = subprocess.run([sys.executable, "-m", "trainable", *smoke_args(synthetic_dir),

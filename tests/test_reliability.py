@@ -20,8 +20,6 @@ from analysis.experiment import LR_FINDER_JSON, REPORT_DIR, STUDY_JSON, Folder, 
 
 from .helpers import REPO, RUN, reports, results, tiny, trial_epochs
 
-pytestmark = pytest.mark.slow
-
 
 def _wait_for(driver: subprocess.Popen, condition, what: str, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
@@ -45,6 +43,8 @@ def _kill_when(args: list[str], condition, what: str) -> None:
         driver.kill()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_driver_killed_at_four_moments_resumes_to_exactly_num_samples(ray_address,
                                                                        synthetic_dir, tmp_path):
     """One study, its driver SIGKILLed during the LR range test, between two trials, in the
@@ -117,6 +117,8 @@ def _in_range_test(experiment: Path) -> bool:
             and time.time() - study_json.stat().st_mtime > 2.0)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_lost_node_s_trial_continues_from_its_checkpoint_on_the_other(synthetic_dir,
                                                                          tmp_path):
     """Two Ray nodes on one machine (Ray's own `Cluster` test utility), one CPU each, so the
@@ -156,6 +158,8 @@ def test_a_lost_node_s_trial_continues_from_its_checkpoint_on_the_other(syntheti
     assert len(restored) == 1, "exactly the lost node's trial was restored"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_many_tiny_trials_finish_within_num_to_keep_and_flat_memory(ray_address,
                                                                     synthetic_dir, tmp_path):
     """20 two-step-per-epoch trials under ASHA, two at a time: all end, ASHA stops some at its

@@ -4,31 +4,40 @@ joined to one Ray head started for the whole test session."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import urllib.request
 
 import optuna
+import pandas as pd
 import pytest
 
-from analysis.__main__ import main as analysis_main
 from analysis.experiment import (
     LR_FINDER_JSON,
     LR_FINDER_PNG,
+    METRIC,
     RESULTS_CSV,
     STUDY_JSON,
     TRAIN_RUNS,
     Folder,
+    Role,
     optuna_url,
 )
+from analysis.results import Trial, best_trial, trial_table
+from study.plan import BadInput, print_plan, resolve, trial_resources, trials_at_once
 from study.run import main as study_main
+from study.run import parse_args
+from study.trial import DivergenceStopper
+from trainable.constants import TrialStatus
 from trainable.loop import load_checkpoint
 
-from .helpers import EPOCHS, REPO, RUN, reports, results, study, tiny
+from .helpers import EPOCHS, REPO, RUN, reports, results, tiny
 
-pytestmark = pytest.mark.slow
+STUDY_DEADLINE = 300  # s: the session's 3-trial study, built by the first test that reads it
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(STUDY_DEADLINE)
 def test_three_trials_complete_around_the_estimate(finished):
     experiment, run = finished
     table = results(experiment)
@@ -47,6 +56,8 @@ def test_three_trials_complete_around_the_estimate(finished):
     assert (experiment / LR_FINDER_PNG).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(STUDY_DEADLINE)
 def test_one_report_per_epoch_with_a_checkpoint(finished):
     experiment, _ = finished
     for trial_id, checkpoint in results(experiment)[["trial_id", "checkpoint"]].itertuples(
@@ -57,6 +68,8 @@ def test_one_report_per_epoch_with_a_checkpoint(finished):
         assert os.path.isfile(os.path.join(checkpoint, "checkpoint.pt"))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(STUDY_DEADLINE)
 def test_optuna_study_is_kept_in_sqlite(finished):
     experiment, _ = finished
     storage = optuna_url(Folder.at(experiment))
@@ -66,34 +79,41 @@ def test_optuna_study_is_kept_in_sqlite(finished):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
 
 
-def test_an_existing_experiment_is_never_overwritten(finished, synthetic_dir, capsys):
-    experiment, _ = finished
-    before = (experiment / RESULTS_CSV).read_bytes()
-    code = study_main(tiny(synthetic_dir, "--storage", str(experiment.parent),
-                           "--name", experiment.name))
+def test_an_existing_experiment_is_never_overwritten(synthetic_dir, tmp_path, capsys):
+    experiment = tmp_path / "kept"
+    experiment.mkdir()
+    (experiment / RESULTS_CSV).write_text("trial_id\nabc\n")
+    code = study_main(tiny(synthetic_dir, "--storage", str(tmp_path), "--name", "kept"))
     assert code == 2
     assert "experiment exists; use --resume" in capsys.readouterr().err
-    assert (experiment / RESULTS_CSV).read_bytes() == before
+    assert [p.name for p in experiment.iterdir()] == [RESULTS_CSV]
+    assert (experiment / RESULTS_CSV).read_text() == "trial_id\nabc\n"
 
 
-def test_a_diverging_trial_ends_diverged_and_the_study_goes_on(ray_address, synthetic_dir,
-                                                              tmp_path, capsys):
-    # An LR ~10^4 with weight decay 1 grows the weights ~10^4-fold per step: inf within 2 epochs.
-    study(ray_address, tmp_path, "diverge", synthetic_dir, "--num-samples", "2",
-          "--set", "search.max_lr_range=[1e6, 2e6]", "--set", "train.div_factor=1",
-          "--set", "train.weight_decay=1")
-    table = results(tmp_path / "diverge")
-    assert len(table) == 2 and set(table["status"]) == {"DIVERGED"}
-    for trial_id in table["trial_id"]:
-        rows = reports(tmp_path / "diverge" / f"trial_{trial_id}")
-        assert rows[-1]["diverged"] is True and rows[-1]["val_acc"] == 0.0
-        assert all(math.isfinite(r["val_acc"]) for r in rows)
-    # Nothing to report on: refused in one line, and no report left behind.
-    assert analysis_main([str(tmp_path / "diverge")]) == 2
-    assert "no completed trial" in capsys.readouterr().err
-    assert not (tmp_path / "diverge" / "report").exists()
+def test_a_diverged_trial_is_never_the_winner_and_the_study_goes_on():
+    """What a study makes of a trial whose loss went non-finite (the loop's side:
+    tests/test_loop.py::test_a_non_finite_loss_ends_the_run_as_diverged): Tune stops that
+    trial and no other, the table says DIVERGED with finite figures, and it is never picked."""
+    stopper = DivergenceStopper()
+    assert stopper("a", {"epoch": 2, "diverged": True, "val_acc": 0.0})
+    assert not stopper("b", {"epoch": 2, "diverged": False, "val_acc": 0.5})
+    assert not stopper.stop_all()
+    history = pd.DataFrame({"epoch": [1, 2], METRIC: [0.12, 0.0], "diverged": [False, True]})
+    diverged = Trial("a", Role.SEARCH, None, 0, TrialStatus.DIVERGED,
+                     {"max_lr": 1e6, "peak_epoch": 1}, history, "/runs/x/trial_a/checkpoint_0")
+    table = trial_table([diverged])
+    assert table["status"].tolist() == ["DIVERGED"] and table["epochs_run"].tolist() == [2]
+    assert table["best_val_acc"].tolist() == [0.12]  # the epoch before it diverged
+    assert best_trial(table) is None  # nothing to report on: analysis refuses it
+    fine = Trial("b", Role.SEARCH, None, 0, TrialStatus.COMPLETED,
+                 {"max_lr": 0.01, "peak_epoch": 1},
+                 pd.DataFrame({"epoch": [1, 2], METRIC: [0.05, 0.06],
+                               "diverged": [False, False]}), "/runs/x/trial_b/checkpoint_1")
+    assert best_trial(trial_table([diverged, fine]))["trial_id"] == "b"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_asha_on_the_torch_trainer_path_ends_and_its_stopped_trials_train_no_further(
         ray_address, synthetic_dir, tmp_path):
     """Not --local: 4 two-epoch trials, each a TorchTrainer with one CPU worker, under ASHA
@@ -208,21 +228,32 @@ def test_a_disk_too_full_for_the_checkpoints_is_refused(synthetic_dir, tmp_path,
     assert not (tmp_path / "runs").exists() and not ray.is_initialized()
 
 
-def test_gpus_requested_on_a_cluster_without_any(ray_address, synthetic_dir, tmp_path, capsys):
-    code = study_main(tiny(synthetic_dir, "--address", ray_address, "--storage",
-                           str(tmp_path), "--gpus-per-trial", "0.5"))
+def test_gpus_requested_on_a_cluster_without_any(synthetic_dir, tmp_path, capsys,
+                                                monkeypatch):
+    import ray
+
+    no_gpu = {"CPU": 2.0, "GPU": 0.0}
+    args = parse_args(tiny(synthetic_dir, "--gpus-per-trial", "0.5", "--address", "x:1"))
+    with pytest.raises(BadInput, match=r"--gpus-per-trial=0.5: the cluster has no GPU"):
+        trial_resources(args, no_gpu)  # a cluster's, as ray.cluster_resources() gives it
+    # This machine's, before Ray starts: one line, nothing written.
+    monkeypatch.setattr("study.run.this_machine", lambda: no_gpu)
+    code = study_main(tiny(synthetic_dir, "--storage", str(tmp_path), "--gpus-per-trial", "0.5"))
     assert code == 2
-    assert "--gpus-per-trial=0.5: the cluster has no GPU" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    err = capsys.readouterr().err
+    assert "--gpus-per-trial=0.5: the cluster has no GPU" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == [] and not ray.is_initialized()
 
 
-def test_dry_run_prints_the_plan_and_trains_nothing(ray_address, synthetic_dir, tmp_path,
-                                                    capsys):
-    code = study_main(tiny(synthetic_dir, "--address", ray_address, "--storage",
-                           str(tmp_path), "--name", "plan", "--dry-run", "--num-samples", "5",
-                           "--workers-per-trial", "2", "--cpus-per-worker", "0.25",
-                           "--set", "search.max_concurrent=8"))
-    assert code == 0
+def test_dry_run_plan_says_workers_batches_resources_and_trials_at_once(synthetic_dir,
+                                                                        tmp_path, capsys):
+    args = parse_args(tiny(synthetic_dir, "--storage", str(tmp_path), "--name", "plan",
+                           "--dry-run", "--num-samples", "5", "--workers-per-trial", "2",
+                           "--cpus-per-worker", "0.25", "--set", "search.max_concurrent=8"))
+    plan = resolve(args)
+    cluster = {"CPU": 2.0, "GPU": 0.0}
+    resources = trial_resources(args, cluster)
+    print_plan(plan, resources, trials_at_once(resources, cluster, 8), {})
     plan = json.loads(capsys.readouterr().out)
     assert plan["trials"] == 5 and plan["path"] == "TorchTrainer"
     assert plan["workers_per_trial"] == 2 and plan["batch_size_per_worker"] == 8

@@ -70,6 +70,7 @@ def test_the_verdict_says_whether_the_lead_is_larger_than_the_seed_spread():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_confirm_seeds_reruns_the_top_configs_through_an_interruption(ray_address,
                                                                       synthetic_dir, tmp_path):
     """Three 4-epoch trials, peak searched in [2, 3] (so the best is always at a widenable end),
