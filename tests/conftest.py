@@ -86,7 +86,7 @@ def stop_ray_started_in(temp_dir: str, port: int) -> None:
     for process in family:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()
-    _, alive = psutil.wait_procs(family, timeout=20)
+    _, alive = psutil.wait_procs(family, timeout=5)
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()

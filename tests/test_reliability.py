@@ -1,5 +1,6 @@
 """Faults a study must survive, as Ray's own release tests provoke them, on CPU with tiny data:
-a driver killed at several moments, a node lost mid-trial, many trials. docs/reliability.md
+a driver killed at several moments and interrupted in its confirmation phase, a node lost
+mid-trial, many trials. docs/reliability.md
 tabulates what these tests do and what was lost (nothing)."""
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import time
@@ -16,7 +19,15 @@ import optuna
 import psutil
 import pytest
 
-from analysis.experiment import LR_FINDER_JSON, REPORT_DIR, STUDY_JSON, Folder, optuna_url
+from analysis.experiment import (
+    CONFIRM_DIR,
+    LR_FINDER_JSON,
+    REPORT_DIR,
+    STUDY_JSON,
+    Folder,
+    optuna_url,
+)
+from analysis.report import SUMMARY_JSON
 
 from .helpers import REPO, RUN, reports, results, tiny, trial_epochs
 
@@ -45,16 +56,18 @@ def _kill_when(args: list[str], condition, what: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_driver_killed_at_four_moments_resumes_to_exactly_num_samples(ray_address,
-                                                                       synthetic_dir, tmp_path):
-    """One study, its driver SIGKILLed during the LR range test, between two trials, in the
-    middle of a trial and while the report is written; each time `--resume` continues it."""
-    epochs = 3
+def test_one_study_killed_at_four_moments_and_interrupted_in_its_confirmation_ends_whole(
+        ray_address, synthetic_dir, tmp_path):
+    """One study with a confirmation phase (3 trials, then the top 2 configs with one more
+    seed): its driver SIGKILLed during the LR range test, between two trials, in the middle of
+    a trial; Ctrl-C once the confirmation has begun; SIGKILLed while the report is written.
+    Each time the study is continued, the last times with the command it printed."""
+    epochs = 4  # peak searched in [2, 3]: the best is always at an end that can be widened
     experiment = tmp_path / "killed"
     first = [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--local", "--storage",
                          str(tmp_path), "--name", "killed", "--num-samples", "3",
-                         "--set", f"train.epochs={epochs}",
-                         "--set", "search.peak_epoch_range=[1, 2]")]
+                         "--confirm-seeds", "1", "--set", f"train.epochs={epochs}",
+                         "--set", "search.peak_epoch_range=[2, 3]")]
     resume = [*RUN, "--address", ray_address, "--storage", str(tmp_path), "--name", "killed",
               "--resume", "--local"]
 
@@ -70,23 +83,47 @@ def test_driver_killed_at_four_moments_resumes_to_exactly_num_samples(ray_addres
 
     _kill_when(resume, lambda: len(finished_trials()) == 1 and not running_trials(),
                "the end of the first trial")
-    assert [seen for seen in trial_epochs(experiment).values() if seen] == [[1, 2, epochs]]
+    assert [seen for seen in trial_epochs(experiment).values() if seen] == \
+        [list(range(1, epochs + 1))]
 
     _kill_when(resume, lambda: bool(running_trials()), "a trial's first epochs")
     (interrupted, before), = running_trials().items()
 
-    _kill_when(resume, lambda: (experiment / f"{REPORT_DIR}.partial").exists(), "the report")
+    # Ctrl-C in the second phase: exit 130 and this project's command to continue.
+    driver = subprocess.Popen(resume, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(driver, lambda: any(reports(d) for d in (experiment / CONFIRM_DIR).glob(
+            "trial_*") if (d / "result.json").exists()), "a confirmation run's first epoch",
+            timeout=400)
+        driver.send_signal(signal.SIGINT)
+        out, _ = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130, out[-3000:]
+    assert "confirmation: the search's top 2 configs again, 1 more seed each" in out
+    assert not any(line.startswith("best trial ") and " so far " not in line
+                   for line in out.splitlines())
+    said = f"python study/run.py --resume --name killed --storage {tmp_path} --address " \
+           f"{ray_address} --local"
+    assert re.search(rf"interrupted: [34] of 5 trials ended\. Continue with: {re.escape(said)}\n",
+                     out), out[-3000:]
+    continued = [*RUN[:-1], *shlex.split(said)[1:]]
+
+    _kill_when(continued, lambda: (experiment / f"{REPORT_DIR}.partial").exists(), "the report")
     assert not (experiment / REPORT_DIR).exists()
 
-    last = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert last.returncode == 0, last.stderr[-3000:]
+    last = subprocess.run(continued, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert last.returncode == 0, last.stdout[-2000:] + last.stderr[-2000:]
 
     table = results(experiment)
-    assert len(table) == 3 and set(table["status"]) == {"COMPLETED"}
+    search, confirm = table[table["role"] == "search"], table[table["role"] == "confirm"]
+    assert len(search) == 3 and len(confirm) == 2
+    assert set(table["status"]) == {"COMPLETED"}
     # A trial started in the second before a kill, before Tune saved it, leaves an empty
     # folder; Tune starts another in its place. Every trial that reported is in results.csv.
     seen = {trial: reported for trial, reported in trial_epochs(experiment).items() if reported}
-    assert set(seen) == {f"trial_{t}" for t in table["trial_id"]}
+    assert set(seen) == {f"trial_{t}" for t in search["trial_id"]}
     for trial, reported in seen.items():
         assert sorted(set(reported)) == list(range(1, epochs + 1)), trial
         assert reported.count(epochs) == 1, f"{trial} finished twice: {reported}"
@@ -99,14 +136,32 @@ def test_driver_killed_at_four_moments_resumes_to_exactly_num_samples(ray_addres
                                                  storage=storage).trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3, states
     assert optuna.trial.TrialState.RUNNING not in states
-    # The report is whole and agrees with results.csv.
+
+    # The confirmation reran the configs of the two best search trials (by score: tiny data
+    # ties often), each exactly, with the next seed.
+    scores = search.set_index("trial_id")["best_val_acc"]
+    assert sorted(scores[confirm["confirms"]]) == sorted(scores)[-2:]
+    assert confirm["confirms"].nunique() == 2
+    assert set(confirm["seed"]) == {search["seed"].iloc[0] + 1}
+    for row in confirm.itertuples():
+        source = search.set_index("trial_id").loc[row.confirms]
+        assert (row.max_lr, row.peak_epoch) == (source["max_lr"], source["peak_epoch"])
+
+    # The report is whole and agrees with results.csv; the winner is a search trial, selected
+    # on val, and how far to trust it is said.
     assert not (experiment / f"{REPORT_DIR}.partial").exists()
-    summary = json.loads((experiment / REPORT_DIR / "summary.json").read_text())
-    best = table.loc[table["best_val_acc"].idxmax()]
-    assert summary["best_trial"]["trial_id"] == best["trial_id"]
+    summary = json.loads((experiment / REPORT_DIR / SUMMARY_JSON).read_text())
+    best = summary["best_trial"]["trial_id"]
+    assert best in set(search["trial_id"]) and scores[best] == scores.max()
     assert summary["trials_by_status"] == {"COMPLETED": 3}
+    assert summary["trust"]["edge_check"]["at_edge"]
+    assert "search.peak_epoch_range" in last.stdout
+    spread = summary["trust"]["confirmation"]
+    assert [len(c["seeds"]) for c in spread["configs"]] == [2, 2]
+    assert f"confirmation: {spread['verdict']}" in last.stdout
     index = (experiment / REPORT_DIR / "index.html").read_text()
     assert all(trial_id in index for trial_id in table["trial_id"])
+    assert "How far to trust the winner" in index and "search.peak_epoch_range" in index
 
 
 def _in_range_test(experiment: Path) -> bool:

@@ -1,12 +1,11 @@
 """The study end to end, on CPU with tiny synthetic data: `python study/run.py` in a subprocess,
-joined to one Ray head started for the whole test session."""
+joined to one Ray head started for the whole test session; and every refusal, before Ray.
+(The TorchTrainer path under ASHA, with its dashboard: tests/test_multi_worker.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import urllib.request
 
 import optuna
 import pandas as pd
@@ -18,7 +17,6 @@ from analysis.experiment import (
     METRIC,
     RESULTS_CSV,
     STUDY_JSON,
-    TRAIN_RUNS,
     Folder,
     Role,
     optuna_url,
@@ -29,9 +27,8 @@ from study.run import main as study_main
 from study.run import parse_args
 from study.trial import DivergenceStopper
 from trainable.constants import TrialStatus
-from trainable.loop import load_checkpoint
 
-from .helpers import EPOCHS, REPO, RUN, reports, results, tiny
+from .helpers import EPOCHS, reports, results, tiny
 
 STUDY_DEADLINE = 300  # s: the session's 3-trial study, built by the first test that reads it
 
@@ -110,53 +107,6 @@ def test_a_diverged_trial_is_never_the_winner_and_the_study_goes_on():
                  pd.DataFrame({"epoch": [1, 2], METRIC: [0.05, 0.06],
                                "diverged": [False, False]}), "/runs/x/trial_b/checkpoint_1")
     assert best_trial(trial_table([diverged, fine]))["trial_id"] == "b"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_asha_on_the_torch_trainer_path_ends_and_its_stopped_trials_train_no_further(
-        ray_address, synthetic_dir, tmp_path):
-    """Not --local: 4 two-epoch trials, each a TorchTrainer with one CPU worker, under ASHA
-    (rung at epoch 1), on the session's Ray, whose dashboard must answer on 127.0.0.1 while the
-    study runs; then the report. A hang fails it at the deadline instead of stalling CI."""
-    driver = subprocess.Popen(
-        [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--storage", str(tmp_path),
-                     "--name", "torch", "--num-samples", "4", "--scheduler", "asha",
-                     "--set", "search.grace_period=1", "--set", "data.val_size=48",
-                     # wide, so that trials differ at the rung and ASHA stops some
-                     "--set", "search.max_lr_range=[0.05, 20]")],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        dashboard = None
-        for line in driver.stdout:
-            if line.startswith("Ray dashboard: http://"):
-                dashboard = line.split(": ", 1)[1].split()[0]  # then how to sign in
-                break
-        assert dashboard is not None and dashboard.startswith("http://127.0.0.1:")
-        # Not `urlopen`: its opener is built once per process, with the proxies of that
-        # moment, and the offline tests' (a closed port) would still be in it.
-        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with direct.open(f"{dashboard}/api/version", timeout=10) as response:
-            assert response.status == 200 and "ray_version" in json.loads(response.read())
-        rest, _ = driver.communicate(timeout=420)
-        assert driver.returncode == 0, rest[-3000:]
-    finally:
-        driver.kill()
-    experiment = tmp_path / "torch"
-    table = results(experiment).set_index("trial_id")
-    assert len(table) == 4 and set(table["status"]) <= {"COMPLETED", "STOPPED", "DIVERGED"}
-    stopped = table[table["status"] == "STOPPED"]
-    assert len(stopped) >= 1 and (stopped["epochs_run"] < EPOCHS).all()
-    for trial_id, row in stopped.iterrows():
-        # The workers waited for Tune's word after each epoch: none began another.
-        run = experiment / TRAIN_RUNS / f"train-{trial_id}"
-        kept = [load_checkpoint(c)["epoch"] for c in run.glob("checkpoint_*") if c.is_dir()]
-        assert max(kept) == row["epochs_run"], (trial_id, kept)
-    assert table["checkpoint"].str.contains("/train/train-").all()
-    assert json.loads((experiment / STUDY_JSON).read_text())["path"] == "TorchTrainer"
-    assert f"report: {experiment / 'report' / 'index.html'}" in rest
-    summary = json.loads((experiment / "report" / "summary.json").read_text())
-    assert summary["best_trial"]["checkpoint"] in set(table["checkpoint"])
 
 
 @pytest.mark.parametrize("extra, message", [
