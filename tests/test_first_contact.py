@@ -1,6 +1,6 @@
 """What a new user meets first: the data fetched (or one line saying how to point at a copy),
 the cost said before any trial, the way into the dashboard. (Ctrl-C, its exit code and the
-resume command it prints: tests/test_trust.py, which interrupts a study's second phase.)"""
+resume command it prints: tests/test_reliability.py, which interrupts a study's second phase.)"""
 
 from __future__ import annotations
 
