@@ -60,6 +60,9 @@ def explain(out: np.ndarray, source: np.ndarray):
 
 RUN = [sys.executable, str(REPO / "study" / "run.py")]
 EPOCHS = 2
+# s: a test reading the session's 3-trial study (conftest.py: `finished`), which the first such
+# test builds (and its report, in tests/test_analysis.py); 35-45 s here.
+FINISHED_DEADLINE = 400
 
 
 def tiny(data_dir, *extra: str) -> list[str]:

@@ -19,7 +19,7 @@ from trainable.device import select_runtime
 from trainable.loop import load_checkpoint, predict
 from trainable.model import build_model
 
-from .helpers import results
+from .helpers import FINISHED_DEADLINE, results
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def best(report):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(FINISHED_DEADLINE)
 def test_every_figure_is_a_real_png(report):
     summary = json.loads((report / SUMMARY_JSON).read_text())
     # 3 trials: too few for Optuna's importances, which the summary says.
@@ -56,7 +56,7 @@ def test_every_figure_is_a_real_png(report):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(FINISHED_DEADLINE)
 def test_test_accuracy_is_a_recomputation(best):
     summary, model, splits = best
     loader = make_loader(splits.test, eval_transform(), 64, num_workers=0, shuffle=False)
@@ -72,7 +72,7 @@ def test_test_accuracy_is_a_recomputation(best):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(FINISHED_DEADLINE)
 def test_misclassified_gallery_is_really_misclassified(report, best):
     summary, model, splits = best
     gallery = json.loads((report / MISCLASSIFIED_JSON).read_text())
@@ -90,7 +90,7 @@ def test_misclassified_gallery_is_really_misclassified(report, best):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(FINISHED_DEADLINE)
 def test_gradcam_maps_are_normalised_and_not_constant(best):
     _, model, splits = best
     images = splits.test.images[:6]
@@ -107,7 +107,7 @@ def test_gradcam_maps_are_normalised_and_not_constant(best):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(FINISHED_DEADLINE)
 def test_index_html_shows_every_figure_and_the_trial_table(finished, report):
     experiment, _ = finished
     page = (report / "index.html").read_text()
@@ -126,7 +126,7 @@ def test_index_html_shows_every_figure_and_the_trial_table(finished, report):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(FINISHED_DEADLINE)
 def test_a_second_run_gives_the_same_summary(finished, report):
     experiment, _ = finished
     first = (report / SUMMARY_JSON).read_text()
@@ -143,7 +143,7 @@ def test_not_an_experiment(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(FINISHED_DEADLINE)
 def test_a_missing_checkpoint_leaves_no_report(finished, tmp_path, capsys):
     experiment, _ = finished
     copy = tmp_path / experiment.name

@@ -19,7 +19,7 @@ from study.cost import Estimate, describe
 from study.run import main as study_main
 from trainable.data import load_splits
 
-from .helpers import RUN, free_port, offline_env, tiny
+from .helpers import FINISHED_DEADLINE, RUN, free_port, offline_env, tiny
 
 
 def test_a_fresh_clone_offline_is_told_in_one_line_and_keeps_no_half_download(tmp_path):
@@ -76,7 +76,7 @@ def test_a_long_study_without_a_gpu_says_so_and_names_smaller_runs(smoke_config)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(FINISHED_DEADLINE)
 def test_the_cost_is_said_before_the_trials_and_is_near_their_time(finished):
     """The session's 3-trial --local study (2 at a time): what it said, and what it took."""
     experiment, run = finished

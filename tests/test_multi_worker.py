@@ -68,6 +68,7 @@ def test_two_worker_trials_under_asha_keep_the_recipe_and_resume_after_a_driver_
             assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             dashboard = dashboard or _dashboard_answers(log.read_text())
             time.sleep(0.1)
+        dashboard = dashboard or _dashboard_answers(log.read_text())  # while the study runs
         driver.send_signal(signal.SIGKILL)
         driver.wait(30)
     finally:

@@ -28,13 +28,11 @@ from study.run import parse_args
 from study.trial import DivergenceStopper
 from trainable.constants import TrialStatus
 
-from .helpers import EPOCHS, reports, results, tiny
-
-STUDY_DEADLINE = 300  # s: the session's 3-trial study, built by the first test that reads it
+from .helpers import EPOCHS, FINISHED_DEADLINE, reports, results, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(STUDY_DEADLINE)
+@pytest.mark.timeout(FINISHED_DEADLINE)
 def test_three_trials_complete_around_the_estimate(finished):
     experiment, run = finished
     table = results(experiment)
@@ -54,7 +52,7 @@ def test_three_trials_complete_around_the_estimate(finished):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(STUDY_DEADLINE)
+@pytest.mark.timeout(FINISHED_DEADLINE)
 def test_one_report_per_epoch_with_a_checkpoint(finished):
     experiment, _ = finished
     for trial_id, checkpoint in results(experiment)[["trial_id", "checkpoint"]].itertuples(
@@ -66,7 +64,7 @@ def test_one_report_per_epoch_with_a_checkpoint(finished):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(STUDY_DEADLINE)
+@pytest.mark.timeout(FINISHED_DEADLINE)
 def test_optuna_study_is_kept_in_sqlite(finished):
     experiment, _ = finished
     storage = optuna_url(Folder.at(experiment))
