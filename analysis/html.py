@@ -23,6 +23,10 @@ figcaption { font-size: 0.9rem; color: #444; margin-top: 0.3rem; }
 """
 
 
+SAMPLER_TITLES = {"tpe": "Optuna TPE", "gp": "Optuna GP", "qmc": "Optuna QMC (Sobol)",
+                  "random": "random"}
+
+
 def _facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
     best = summary["best_trial"]
     train = best["config"]["train"]
@@ -40,7 +44,20 @@ def _facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("search wall time", _wall_time(summary["wall_time"])),
         ("trials", ", ".join(f"{n} {s.lower()}" for s, n in
                              summary["trials_by_status"].items())),
+        ("sampler", _sampler(summary.get("sampler"))),
     ]
+
+
+def _sampler(sampler: dict[str, Any] | None) -> str:
+    if sampler is None:
+        return "not recorded"
+    draws = sampler["trials"]
+    if sampler["name"] in ("random", "qmc"):
+        chosen = f"{draws['startup']} drawn (no model)"
+    else:
+        chosen = (f"{draws['startup']} random startup draws, {draws['model']} from its model "
+                  f"(startup: the first {sampler['startup_trials']} finished)")
+    return f"{SAMPLER_TITLES[sampler['name']]}: {draws['first_point']} first point, {chosen}"
 
 
 def _trust(trust: dict[str, Any]) -> str:

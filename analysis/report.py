@@ -109,23 +109,24 @@ def _lr_per_step(config: Config, steps_per_epoch: int) -> list[float]:
     return lrs
 
 
-def _importances(experiment: Folder) -> dict[str, float] | str:
-    """Optuna's importances, or why there are none."""
+def _from_optuna(experiment: Folder,
+                 sampler: dict[str, Any] | None) -> tuple[dict[str, float] | str, dict | None]:
+    """Optuna's importances (or why there are none), and how the sampler chose the trials."""
     if not experiment.is_file(OPTUNA_DB):
-        return f"no {OPTUNA_DB}"
+        return f"no {OPTUNA_DB}", None
     with experiment.local_copy(OPTUNA_DB) as database:
         storage = optuna.storages.RDBStorage(f"sqlite:///{database}")
         try:
-            return _ranked(storage, experiment.name)
+            study = optuna.load_study(study_name=experiment.name, storage=storage)
+        except KeyError:
+            return f"no Optuna study in {OPTUNA_DB}", None
+        try:
+            return _ranked(study), _draws(study, sampler)
         finally:
             storage.engine.dispose()  # before a downloaded copy is removed
 
 
-def _ranked(storage: optuna.storages.BaseStorage, name: str) -> dict[str, float] | str:
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return f"no Optuna study in {OPTUNA_DB}"
+def _ranked(study: optuna.Study) -> dict[str, float] | str:
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(finished) < MIN_TRIALS_FOR_IMPORTANCE:
         return f"{len(finished)} finished trials; importances need {MIN_TRIALS_FOR_IMPORTANCE}"
@@ -133,6 +134,27 @@ def _ranked(storage: optuna.storages.BaseStorage, name: str) -> dict[str, float]
         return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
     except (ValueError, RuntimeError) as err:
         return f"Optuna could not rank the parameters ({err})"
+
+
+def _draws(study: optuna.Study, sampler: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The sampler (study.json's) and how its trials came: the first point (enqueued), random
+    startup draws (asked while fewer than `startup_trials` had finished, counted as the
+    sampler counts), or its model. A study from before samplers were recorded: None."""
+    if sampler is None:
+        return None
+    states = optuna.trial.TrialState
+    counted = (states.COMPLETE,) if sampler["name"] == "gp" else (states.COMPLETE, states.PRUNED)
+    model_free = sampler["name"] in ("random", "qmc")
+    draws = {"first_point": 0, "startup": 0, "model": 0}
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        if "fixed_params" in trial.system_attrs:
+            draws["first_point"] += 1
+            continue
+        finished = sum(t.state in counted and t.datetime_complete is not None
+                       and t.datetime_complete <= trial.datetime_start for t in trials)
+        draws["startup" if model_free or finished < sampler["startup_trials"] else "model"] += 1
+    return {**sampler, "trials": draws}
 
 
 @dataclass(frozen=True)
@@ -219,9 +241,9 @@ def _original_figures(study: Study, path: dict[str, Path]) -> list[int]:
 
 
 def _study_figures(study: Study, path: dict[str, Path],
-                   trust: dict[str, Any]) -> dict[str, float] | str:
-    """Beyond the original: the study as a whole. Returns Optuna's importances, or why there
-    are none."""
+                   trust: dict[str, Any]) -> tuple[dict[str, float] | str, dict | None]:
+    """Beyond the original: the study as a whole. Returns Optuna's importances (or why there
+    are none) and how the sampler chose the trials."""
     table = study.table
     figures.plot_trials({t.trial_id: t.history for t in study.trials},
                         dict(zip(table["trial_id"], table["status"], strict=True)),
@@ -229,10 +251,10 @@ def _study_figures(study: Study, path: dict[str, Path],
     figures.plot_search_space(table, study.lr_finder["suggested_lr"], study.best.trial_id,
                               study.record["search_space"], trust["confirmation"],
                               path["search_space"])
-    importances = _importances(study.experiment)
+    importances, draws = _from_optuna(study.experiment, study.record.get("sampler"))
     if isinstance(importances, dict):
         figures.plot_importance(importances, path["importance"])
-    return importances
+    return importances, draws
 
 
 def _trust(study: Study) -> dict[str, Any]:
@@ -242,8 +264,8 @@ def _trust(study: Study) -> dict[str, Any]:
             "confirmation": seed_spread(study.table, study.best.trial_id)}
 
 
-def _summary(study: Study, importances: dict[str, float] | str, trust: dict[str, Any],
-             figure_files: list[str]) -> dict[str, Any]:
+def _summary(study: Study, importances: dict[str, float] | str, sampler: dict | None,
+             trust: dict[str, Any], figure_files: list[str]) -> dict[str, Any]:
     splits, evaluation, classes = study.splits, study.evaluation, study.splits.classes
     history = _history(study.best, study.state)
     return {
@@ -268,6 +290,7 @@ def _summary(study: Study, importances: dict[str, float] | str, trust: dict[str,
         "trials_by_status": {k: int(v) for k, v in
                              study.table.loc[study.table["role"] == Role.SEARCH, "status"]
                              .value_counts().items()},
+        "sampler": sampler,
         "trust": trust,
         "importances": importances,
         "figures": {key: name for key, (name, _) in FIGURES.items() if name in figure_files},
@@ -287,13 +310,14 @@ def build_report(experiment: Folder | str | os.PathLike, data_dir: str | None = 
         path = {key: out / name for key, (name, _) in FIGURES.items()}
         wrong = _original_figures(study, path)
         trust = _trust(study)
-        importances = _study_figures(study, path, trust)
+        importances, sampler = _study_figures(study, path, trust)
         classes, test, evaluation = study.splits.classes, study.splits.test, study.evaluation
         gallery = [{"test_index": int(test.indices[i]), "true": classes[test.labels[i]],
                     "predicted": classes[evaluation.predicted[i]],
                     "confidence": round(float(evaluation.confidence[i]), 6)} for i in wrong]
         (out / MISCLASSIFIED_JSON).write_text(json.dumps(gallery, indent=2))
-        summary = _summary(study, importances, trust, [p.name for p in out.iterdir()])
+        summary = _summary(study, importances, sampler, trust,
+                           [p.name for p in out.iterdir()])
         (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
         write_index(out, summary, study.table,
                     {k: v for k, v in FIGURES.items() if k in summary["figures"]})

@@ -1,31 +1,36 @@
-"""Where the best max_lr lies relative to the LR range test's estimate: the evidence for the
-default `search.max_lr_range`. No Ray: the plain loop, one run at a time.
+"""A table of this problem: learning curves (val_acc after every epoch) over a grid of max_lr
+multiples of the LR range test's estimate x peak epochs x seeds. No Ray: the plain loop, one
+run at a time. `study/simulate.py` replays a study's search on the table.
 
-    python study/lr_grid.py --data-dir DIR [--config C] [--set section.key=value ...] \
-        [--batch-sizes 128 512] [--multiples 0.25 0.5 1 2 4 8 16] [--seeds 0 1] [--out grid.json]
+    python study/lr_grid.py --data-dir DIR --out table.csv [--config C] [--set k=v ...] \
+        [--multiples 0.25 0.5 1 2 4 8 16] [--peak-epochs 1 2] [--seeds 0 1]
 
-For each batch size (a budget): the range test's estimate on the training split, then one run
-per multiple of it and seed, with `train.max_lr = multiple x estimate`. Each run's final
-val_acc (what a study selects on) and test_acc are printed as they come and written to --out;
-then a table of the means over seeds. It measures; it asserts nothing.
+The range test runs first, on the training split at `train.batch_size`. Then one run per
+(multiple, peak epoch, seed), with `train.max_lr = multiple x estimate`. Peak epochs default to
+every one the study's search could pick at this config (`search.peak_epoch_range`). Each run's
+epochs are appended to --out as they end, one row per run and epoch (TABLE_COLUMNS); a
+diverged run's later epochs score 0.0, as a study ranks it last. Then a table of the final
+val_acc's means over seeds. It measures; it asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-from trainable.config import load_config, to_dict
-from trainable.constants import DEFAULT_CONFIG, TrialStatus
+from trainable.config import ConfigError, load_config
+from trainable.constants import DEFAULT_CONFIG, EXIT_BAD_INPUT, TrialStatus
 from trainable.data import load_splits
 from trainable.device import select_runtime
-from trainable.loop import evaluate, make_batches, train
+from trainable.loop import train
 from trainable.lr_range import range_test
+
+TABLE_COLUMNS = ("multiple", "max_lr", "peak_epoch", "seed", "epoch", "val_acc")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,65 +40,89 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     p.add_argument("--multiples", type=float, nargs="+",
                    default=[0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+    p.add_argument("--peak-epochs", type=int, nargs="+", default=None,
+                   help="default: every epoch of search.peak_epoch_range")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--out", type=Path, default=Path("lr_grid.json"))
+    p.add_argument("--out", type=Path, required=True, help="the table (CSV); must not exist")
     return p.parse_args(argv)
 
 
-def table(runs: list[dict[str, Any]]) -> str:
-    """Markdown: one row per (batch size, multiple), means over seeds; the best row per batch
-    size in bold."""
-    lines = ["| batch | estimate | multiple | max_lr | val_acc (mean; per seed) | test_acc |",
-             "|---|---|---|---|---|---|"]
-    for batch in sorted({r["batch_size"] for r in runs}):
-        rows = [r for r in runs if r["batch_size"] == batch]
-        by_multiple = {m: [r for r in rows if r["multiple"] == m]
-                       for m in sorted({r["multiple"] for r in rows})}
-        means = {m: statistics.mean(r["val_acc"] for r in rs) for m, rs in by_multiple.items()}
-        best = max(means, key=means.get)
-        for multiple, rs in by_multiple.items():
-            seeds = ", ".join(f"{r['val_acc']:.3f}" for r in rs)
-            test = statistics.mean(r["test_acc"] for r in rs)
-            row = (f"{batch} | {rs[0]['estimate']:.4f} | {multiple:g} | {rs[0]['max_lr']:.4f} | "
-                   f"{means[multiple]:.3f}; {seeds} | {test:.3f}")
-            lines.append(f"| **{row}** |" if multiple == best else f"| {row} |")
+def curve(history: list[dict], epochs: int) -> list[float]:
+    """val_acc after each of `epochs` epochs; 0.0 for any epoch after a run diverged."""
+    scores = [0.0 if not (m["val_acc"] == m["val_acc"]) else float(m["val_acc"])
+              for m in history]  # NaN != NaN
+    return scores + [0.0] * (epochs - len(scores))
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown: final val_acc's mean over seeds, one row per multiple, one column per peak
+    epoch; the best cell in bold."""
+    last = max(r["epoch"] for r in rows)
+    finals: dict[tuple[float, int], list[float]] = {}
+    for r in rows:
+        if r["epoch"] == last:
+            finals.setdefault((r["multiple"], r["peak_epoch"]), []).append(r["val_acc"])
+    means = {k: statistics.mean(v) for k, v in finals.items()}
+    best = max(means, key=means.get)
+    peaks = sorted({p for _, p in means})
+    lines = ["| multiple | " + " | ".join(f"peak {p}" for p in peaks) + " |",
+             "|---|" + "---|" * len(peaks)]
+    for multiple in sorted({m for m, _ in means}):
+        cells = []
+        for peak in peaks:
+            text = f"{means[(multiple, peak)]:.3f}" if (multiple, peak) in means else "-"
+            cells.append(f"**{text}**" if (multiple, peak) == best else text)
+        lines.append(f"| {multiple:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out.exists():
+        print(f"error: {args.out} exists; the grid writes a new table", file=sys.stderr)
+        return EXIT_BAD_INPUT
     overrides = [*args.overrides, f"data.dir={json.dumps(args.data_dir)}"]
-    base = load_config(args.config, overrides)
+    try:
+        base = load_config(args.config, overrides)
+        peaks = args.peak_epochs or list(range(base.peak_epoch_range[0],
+                                               base.peak_epoch_range[1] + 1))
+        for peak in peaks:
+            base.replace("train", peak_epoch=peak)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     splits = load_splits(base.data)
     runtime = select_runtime()
-    print(f"{len(splits.train.labels)} training images, {len(splits.val.labels)} val, "
-          f"{len(splits.test.labels)} test; device {runtime.device}", flush=True)
-    runs: list[dict[str, Any]] = []
-    for batch in args.batch_sizes:
-        config = base.replace("train", batch_size=batch)
-        estimate = range_test(config, splits)["suggested_lr"]
-        print(f"batch {batch}: range-test estimate {estimate:.5f}", flush=True)
+    print(f"{len(splits.train.labels)} training images, {len(splits.val.labels)} val; "
+          f"device {runtime.device}", flush=True)
+    estimate = range_test(base, splits)["suggested_lr"]
+    print(f"range-test estimate {estimate:.5f} at batch {base.train.batch_size}", flush=True)
+    rows: list[dict] = []
+    with args.out.open("x", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=TABLE_COLUMNS)
+        writer.writeheader()
         for multiple in args.multiples:
-            for seed in args.seeds:
-                run = config.replace("train", max_lr=estimate * multiple, seed=seed)
-                started = time.perf_counter()
-                outcome = train(run, splits, runtime=runtime)
-                record = {"batch_size": batch, "estimate": estimate, "multiple": multiple,
-                          "max_lr": run.train.max_lr, "seed": seed, "status": outcome.status,
-                          "val_acc": 0.0, "test_acc": 0.0}  # a diverged run scores nothing
-                if outcome.status != TrialStatus.DIVERGED:
-                    test = evaluate(outcome.model, make_batches(splits.test, run, runtime,
-                                                                train=False), runtime)
-                    record.update(val_acc=outcome.history[-1]["val_acc"], test_acc=test["acc"])
-                record["wall_s"] = round(time.perf_counter() - started, 1)
-                runs.append(record)
-                print(json.dumps(record), flush=True)
-                args.out.write_text(json.dumps({"config": to_dict(base), "runs": runs},
-                                               indent=1))
-    print(table(runs))
+            for peak in peaks:
+                for seed in args.seeds:
+                    run = base.replace("train", max_lr=estimate * multiple, peak_epoch=peak,
+                                       seed=seed)
+                    started = time.perf_counter()
+                    outcome = train(run, splits, runtime=runtime)
+                    scores = curve(outcome.history, run.train.epochs)
+                    for epoch, val_acc in enumerate(scores, start=1):
+                        row = {"multiple": multiple, "max_lr": round(run.train.max_lr, 6),
+                               "peak_epoch": peak, "seed": seed, "epoch": epoch,
+                               "val_acc": round(val_acc, 4)}
+                        writer.writerow(row)
+                        rows.append(row)
+                    out.flush()
+                    diverged = " (diverged)" if outcome.status == TrialStatus.DIVERGED else ""
+                    print(f"{multiple:g}x peak {peak} seed {seed}: "
+                          f"{' '.join(f'{s:.3f}' for s in scores)}{diverged} "
+                          f"in {time.perf_counter() - started:.0f} s", flush=True)
+    print(summary(rows))
     return 0
 
 

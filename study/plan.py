@@ -20,7 +20,7 @@ import pyarrow.fs
 import torch
 
 from analysis.experiment import STUDY_JSON, Folder, StorageError, first_line
-from study.search import describe_space
+from study.search import choose_sampler, describe_space
 from study.trial import DRIVER_CPU, Resources
 from trainable.config import Config, from_dict, load_config, to_dict
 from trainable.constants import DEFAULT_CONFIG
@@ -199,6 +199,7 @@ def print_plan(plan: Plan, resources: Resources, at_once: int, cost: dict[str, A
         "experiment": str(plan.experiment),
         "config": to_dict(config),
         "search_space": describe_space(config, None),
+        "sampler": choose_sampler(config).describe(),
         "trials": config.search.num_samples,
         "confirmation_runs": config.search.confirm_top * (config.search.confirm_seeds or 0),
         "resources_per_trial": resources.per_trial(),

@@ -43,6 +43,7 @@ from study.plan import (
     trials_at_once,
 )
 from study.search import (
+    choose_sampler,
     close_orphaned_optuna_trials,
     confirmation_points,
     default_confirm_seeds,
@@ -132,6 +133,7 @@ def study_record(args: argparse.Namespace, plan: Plan, resources: Resources,
                       "search": config.train.seed},
             "versions": package_versions(), "git_commit": git_commit(),
             "path": "local" if args.local else "TorchTrainer",
+            "sampler": choose_sampler(config).describe(),
             "workers_per_trial": resources.workers,
             "resources_per_trial": resources.per_trial(),
             "selected_on": "test" if splits.val_is_test else "val"}

@@ -1,11 +1,12 @@
-"""The search: the space around the range test's estimate, Optuna's TPE over it and the
-Tuner that runs the trials."""
+"""The search: the space around the range test's estimate, the Optuna sampler over it (chosen
+by the budget, docs/search-range.md) and the Tuner that runs the trials."""
 
 from __future__ import annotations
 
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -23,6 +24,9 @@ from trainable.config import Config
 # fewest that give a spread with a second degree of freedom.
 CONFIRM_SEEDS_GPU = 2
 ORIGINAL_PEAK = (5, 20)  # the original's LR peaked at epoch 5 of 20
+# `search.sampler: auto`: the sampler whose simulated studies came closest to the table's best
+# config (docs/search-range.md).
+AUTO_SAMPLER = "tpe"
 # Tune saves the experiment's state (and flushes each trial's result.json) at most every 10 s
 # by default; a driver killed in between loses that much, and resumed trials redo it. A save
 # is cheap (docs/performance.md). The user's own setting wins.
@@ -41,6 +45,77 @@ def search_space(config: Config, estimate: float) -> tuple[dict[str, Any], dict[
     first = {"max_lr": estimate * math.sqrt(lo * hi),
              "peak_epoch": min(max(peak, peak_lo), peak_hi)}
     return space, first
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    """The Optuna sampler a study runs, and how many of its first trials it draws at random
+    before its model takes over (counted over finished trials, as Optuna does)."""
+
+    name: str  # tpe, gp, qmc or random
+    startup_trials: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "startup_trials": self.startup_trials}
+
+
+def choose_sampler(config: Config) -> SamplerChoice:
+    """`search.sampler` and `search.startup_trials`, with `auto` and null resolved by the rule
+    the simulated searches measured (docs/search-range.md)."""
+    search = config.search
+    name = AUTO_SAMPLER if search.sampler == "auto" else search.sampler
+    if name in ("random", "qmc"):
+        return SamplerChoice(name, search.num_samples)  # every trial is a draw of its own
+    if search.startup_trials is not None:
+        return SamplerChoice(name, search.startup_trials)
+    return SamplerChoice(name, fitted_startup_trials(search.num_samples))
+
+
+def fitted_startup_trials(num_samples: int) -> int:
+    """Random startup trials for a study of `num_samples` trials, as measured
+    (docs/search-range.md): a quarter of the budget, at least 2."""
+    return max(2, num_samples // 4)
+
+
+def make_sampler(choice: SamplerChoice, seed: int) -> optuna.samplers.BaseSampler:
+    samplers = {
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        # scrambled: a seeded Sobol sequence of its own per study, not the same points always
+        "qmc": lambda: optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
+                                                  warn_asynchronous_seeding=False),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed,
+                                                  n_startup_trials=choice.startup_trials),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed,
+                                                n_startup_trials=choice.startup_trials),
+    }
+    return samplers[choice.name]()
+
+
+class StudySearch(OptunaSearch):
+    """Ray's OptunaSearch, but a trial that a scheduler stopped before its last epoch is told
+    to Optuna as PRUNED with every epoch's val_acc as an intermediate value (Ray tells it
+    COMPLETE with its cut-off value, so TPE would rank epoch 2 against full runs). A
+    diverged trial stays COMPLETE with its finite 0.0, ranked last."""
+
+    def __init__(self, *args, epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epochs = epochs
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id not in self._completed_trials:
+            self._ot_trials[trial_id].report(result[METRIC], result["epoch"])
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
+                          error: bool = False) -> None:
+        cut_off = (result is not None and not error and not result.get("diverged")
+                   and "epoch" in result and result["epoch"] < self.epochs)
+        if not cut_off or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        trial = self._ot_trials[trial_id]
+        trial.report(result[METRIC], result["epoch"])  # the stopping epoch reached no result
+        self._ot_study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
 
 
 def describe_space(config: Config, estimate: float | None) -> dict[str, Any]:
@@ -135,9 +210,10 @@ def make_tuner(config: Config, experiment: Folder, resume: bool, trainable, esti
     if not experiment.is_local:
         callbacks = [*callbacks, OptunaCopy(experiment)]
     space, first = search_space(config, estimate)
-    searcher = OptunaSearch(
-        points_to_evaluate=[first], seed=config.train.seed, study_name=experiment.name,
-        storage=optuna.storages.RDBStorage(optuna_url(experiment)),
+    searcher = StudySearch(
+        points_to_evaluate=[first], study_name=experiment.name,
+        sampler=make_sampler(choose_sampler(config), config.train.seed),
+        storage=optuna.storages.RDBStorage(optuna_url(experiment)), epochs=config.train.epochs,
     )
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.epochs,

@@ -99,6 +99,8 @@ def test_the_page_shows_every_figure_the_trials_and_how_far_to_trust_the_winner(
         "trust": {"edge_check": edge_check(best, SPACE, EPOCHS),
                   "confirmation": drawn["spread"]},
         "importances": "importances need at least 4 completed trials",
+        "sampler": {"name": "tpe", "startup_trials": 2,
+                    "trials": {"first_point": 1, "startup": 3, "model": 4}},
     }
     shown = {k: v for k, v in FIGURES.items() if k != "importance"}
     write_index(out, summary, table, shown)
@@ -114,3 +116,5 @@ def test_the_page_shows_every_figure_the_trials_and_how_far_to_trust_the_winner(
     assert html.escape(drawn["spread"]["verdict"][1:]) in page
     assert "search wall time" in page and "estimated before it started" in page
     assert "Parameter importances: not shown (importances need" in page
+    assert ("Optuna TPE: 1 first point, 3 random startup draws, 4 from its model "
+            "(startup: the first 2 finished)") in page

@@ -42,6 +42,8 @@ SECTION = pydantic.ConfigDict(extra="forbid")
 
 AUGMENT_ON = Literal["auto", "cpu", "gpu"]
 SCHEDULERS = Literal["fifo", "asha"]
+# Optuna samplers; auto: by the budget, the rule measured in docs/search-range.md
+SAMPLERS = Literal["auto", "tpe", "gp", "qmc", "random"]
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -93,6 +95,8 @@ class SearchConfig:
     max_lr_range: tuple[Float, Float] = (1.0, 8.0)
     peak_epoch_range: tuple[Int, Int] | None = None
     scheduler: SCHEDULERS = "fifo"
+    sampler: SAMPLERS = "auto"
+    startup_trials: Annotated[Int, Field(ge=0)] | None = None  # None: the sampler's rule
     grace_period: Annotated[Int, Field(ge=1)] = 2
     max_concurrent: Annotated[Int, Field(ge=1)] = 2
     max_failures: Annotated[Int, Field(ge=0)] = 1
