@@ -92,29 +92,37 @@ def make_sampler(choice: SamplerChoice, seed: int) -> optuna.samplers.BaseSample
 
 
 class StudySearch(OptunaSearch):
-    """Ray's OptunaSearch, but a trial that a scheduler stopped before its last epoch is told
-    to Optuna as PRUNED with every epoch's val_acc as an intermediate value (Ray tells it
-    COMPLETE with its cut-off value, so TPE would rank epoch 2 against full runs). A
-    diverged trial stays COMPLETE with its finite 0.0, ranked last."""
+    """Ray's OptunaSearch, but Optuna gets every epoch's val_acc as an intermediate value
+    (Ray skips the result a scheduler stops a trial on, and a trial's last under ASHA), and a
+    trial that a scheduler stopped before its last epoch is told as PRUNED: Ray tells it
+    COMPLETE with its cut-off value, so TPE would rank epoch 2 against full runs. A diverged
+    trial stays COMPLETE with its finite 0.0, ranked last."""
 
     def __init__(self, *args, epochs: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.epochs = epochs
+        self.reported: dict[str, set[int]] = {}  # epochs told, per trial: each once
+
+    def _report(self, trial_id: str, result: dict[str, Any]) -> None:
+        told = self.reported.setdefault(trial_id, set())
+        if result["epoch"] not in told:  # a resumed trial may run an epoch again
+            self._ot_trials[trial_id].report(result[METRIC], result["epoch"])
+            told.add(result["epoch"])
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if trial_id not in self._completed_trials:
-            self._ot_trials[trial_id].report(result[METRIC], result["epoch"])
+            self._report(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
-        cut_off = (result is not None and not error and not result.get("diverged")
-                   and "epoch" in result and result["epoch"] < self.epochs)
-        if not cut_off or trial_id in self._completed_trials:
+        if trial_id in self._completed_trials or error or not result or "epoch" not in result:
             super().on_trial_complete(trial_id, result, error)
             return
-        trial = self._ot_trials[trial_id]
-        trial.report(result[METRIC], result["epoch"])  # the stopping epoch reached no result
-        self._ot_study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        self._report(trial_id, result)
+        if result.get("diverged") or result["epoch"] >= self.epochs:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
         self._completed_trials.add(trial_id)
 
 

@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+import optuna
 import pandas as pd
+import pytest
 
-from analysis.experiment import RESULTS_CSV
+from analysis.experiment import RESULTS_CSV, Folder, optuna_url
 from trainable.constants import MEAN_UINT8, REPO
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -100,3 +102,26 @@ def trial_epochs(experiment) -> dict[str, list[int]]:
         if (trial_dir / "result.json").exists():
             found[trial_dir.name] = [r["epoch"] for r in reports(trial_dir)]
     return found
+
+
+def assert_optuna_told_what_tune_saw(experiment, table: pd.DataFrame) -> None:
+    """Each trial in optuna.db as it ended in Tune: a STOPPED one (ASHA cut it off) PRUNED
+    and a COMPLETED one COMPLETE with its last val_acc, each with a value for every epoch it
+    ran; a DIVERGED one COMPLETE with 0.0."""
+    storage = optuna_url(Folder.at(experiment))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    told = {t.params["max_lr"]: t for t in
+            optuna.load_study(study_name=summary.study_name, storage=storage).trials}
+    states = optuna.trial.TrialState
+    for trial_id, row in table.iterrows():
+        trial = told[row["max_lr"]]
+        if row["status"] in ("STOPPED", "COMPLETED"):
+            epochs = list(range(1, int(row["epochs_run"]) + 1))
+            assert sorted(trial.intermediate_values) == epochs, trial_id
+        if row["status"] == "STOPPED":
+            assert trial.state == states.PRUNED, trial_id
+        elif row["status"] == "COMPLETED":
+            assert trial.state == states.COMPLETE, trial_id
+            assert trial.value == pytest.approx(row["final_val_acc"]), trial_id
+        else:
+            assert (trial.state, trial.value) == (states.COMPLETE, 0.0), trial_id

@@ -18,7 +18,7 @@ from trainable.constants import TrialStatus
 from trainable.data import load_splits
 from trainable.loop import load_checkpoint, steps_per_epoch, train
 
-from .helpers import REPO, RUN, reports, results, trial_epochs
+from .helpers import REPO, RUN, assert_optuna_told_what_tune_saw, reports, results, trial_epochs
 
 EPOCHS = 3
 # 256 images at a global batch of 32 (16 per worker): 8 steps an epoch. At this per-worker
@@ -109,6 +109,7 @@ def test_two_worker_trials_under_asha_keep_the_recipe_and_resume_after_a_driver_
         run = experiment / TRAIN_RUNS / f"train-{trial_id}"
         epochs = [load_checkpoint(c)["epoch"] for c in run.glob("checkpoint_*") if c.is_dir()]
         assert max(epochs) == row["epochs_run"], (trial_id, epochs)
+    assert_optuna_told_what_tune_saw(experiment, table)
     assert table["checkpoint"].str.contains(f"/{TRAIN_RUNS}/train-").all()
     assert json.loads((experiment / STUDY_JSON).read_text())["path"] == "TorchTrainer"
     assert f"report: {experiment / 'report' / 'index.html'}" in resume.stdout

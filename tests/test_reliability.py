@@ -30,7 +30,15 @@ from analysis.experiment import (
 from analysis.report import SUMMARY_JSON
 from trainable.loop import load_checkpoint
 
-from .helpers import REPO, RUN, reports, results, tiny, trial_epochs
+from .helpers import (
+    REPO,
+    RUN,
+    assert_optuna_told_what_tune_saw,
+    reports,
+    results,
+    tiny,
+    trial_epochs,
+)
 
 
 def _wait_for(driver: subprocess.Popen, condition, what: str, timeout: float = 240) -> None:
@@ -267,6 +275,7 @@ def test_many_tiny_trials_finish_within_num_to_keep_and_flat_memory(ray_address,
     stopped = table[table["status"] == "STOPPED"]
     assert len(stopped) >= 1 and (stopped["epochs_run"] < epochs).all()
     assert (table.loc[table["status"] == "COMPLETED", "epochs_run"] == epochs).all()
+    assert_optuna_told_what_tune_saw(experiment, table)
     # Ray keeps the best num_to_keep checkpoints and, beside them, always the latest.
     for trial_dir in experiment.glob("trial_*"):
         kept = len(list(trial_dir.glob("checkpoint_*")))
