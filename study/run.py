@@ -47,6 +47,7 @@ from study.search import (
     close_orphaned_optuna_trials,
     confirmation_points,
     default_confirm_seeds,
+    describe_sampler,
     describe_space,
     make_confirm_tuner,
     make_tuner,
@@ -289,6 +290,8 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
         study.update(estimate=found["suggested_lr"],
                      search_space=describe_space(plan.config, found["suggested_lr"]))
         write_json(plan.experiment, STUDY_JSON, study)
+        print(describe_sampler(choose_sampler(plan.config), plan.config.search.num_samples),
+              flush=True)
 
         trainable = make_trainable(to_dict(plan.config), splits_ref, resources,
                                    plan.experiment)

@@ -77,6 +77,19 @@ def fitted_startup_trials(num_samples: int) -> int:
     return max(2, num_samples // 4)
 
 
+def describe_sampler(choice: SamplerChoice, num_samples: int) -> str:
+    """The line a study prints before its search: how its trials will be chosen."""
+    if choice.name in ("random", "qmc"):
+        how = "random search" if choice.name == "random" else "scrambled Sobol points (QMC)"
+        return f"search: the first point, then {how} for {num_samples} trials"
+    title = {"tpe": "Optuna's TPE", "gp": "Optuna's GP"}[choice.name]
+    if choice.startup_trials >= num_samples:
+        return (f"search: {title}, but its {choice.startup_trials} random startup trials "
+                f"cover all {num_samples}: this is random search")
+    return (f"search: {title} over {num_samples} trials: the first point and random draws "
+            f"until {choice.startup_trials} have finished, then its model")
+
+
 def make_sampler(choice: SamplerChoice, seed: int) -> optuna.samplers.BaseSampler:
     samplers = {
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),

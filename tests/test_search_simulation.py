@@ -14,7 +14,13 @@ import pytest
 from ray import tune
 
 from study import lr_grid, simulate
-from study.search import StudySearch, choose_sampler, make_sampler
+from study.search import (
+    SamplerChoice,
+    StudySearch,
+    choose_sampler,
+    describe_sampler,
+    make_sampler,
+)
 from trainable.config import load_config
 from trainable.constants import DEFAULT_CONFIG, EXIT_BAD_INPUT, REPO
 
@@ -225,3 +231,11 @@ def test_the_sampler_follows_the_budget_unless_set():
     assert choose_sampler(fixed).startup_trials == 5
     assert isinstance(make_sampler(choose_sampler(config.replace("search", sampler="gp")), 0),
                       optuna.samplers.GPSampler)
+
+
+def test_the_study_says_when_its_search_is_random_search():
+    """Ray's default TPE at the default budget: its 10 startup trials cover all 8."""
+    assert describe_sampler(SamplerChoice("tpe", 10), 8).endswith("this is random search")
+    assert describe_sampler(SamplerChoice("tpe", 2), 8) == (
+        "search: Optuna's TPE over 8 trials: the first point and random draws until 2 have "
+        "finished, then its model")
