@@ -75,8 +75,9 @@ class Table:
     def nearest(self, max_lr: float, peak_epoch: int) -> tuple[float, int]:
         """The grid point nearest in (log2 multiple, peak epoch); ties go to the smaller."""
         log_multiple = math.log2(max_lr / self.estimate)
-        return min(self.curves, key=lambda p: ((math.log2(p[0]) - log_multiple) ** 2
-                                               + (p[1] - peak_epoch) ** 2, p))
+        # rounded: the log middle of a range of grid points is a tie, and must stay one
+        return min(self.curves, key=lambda p: (round((math.log2(p[0]) - log_multiple) ** 2
+                                                     + (p[1] - peak_epoch) ** 2, 9), p))
 
 
 def read_table(path: Path) -> Table:
@@ -215,8 +216,9 @@ def asha_study(table: Table, config: Config, grace_period: int, budget: int,
                seed: int) -> tuple[bool, float, float]:
     """A random search of `budget` trials over the searched points, run under Tune's own
     ASHAScheduler (reduction factor 4), `search.max_concurrent` trials in flight advancing an
-    epoch each in turn. Returns whether FIFO's pick (highest val_acc at any epoch) ran to the
-    end, and the regrets of FIFO's and ASHA's picks (ASHA's among the trials it let finish)."""
+    epoch each in turn. Returns whether a trial of the best point drawn (highest mean final
+    val_acc) ran to the end, and the regrets of the picks (highest val_acc at any epoch) of
+    FIFO, among all trials, and of ASHA, among those it let finish."""
     rng = np.random.default_rng(seed)
     points = searched_points(table, config)
     trials = []
@@ -241,10 +243,11 @@ def asha_study(table: Table, config: Config, grace_period: int, budget: int,
                 if epoch == table.epochs:
                     finished.append((run, point, curve))
     best = table.best_mean_final()
+    best_drawn = max(table.mean_final(t[1]) for t in trials)
     fifo_pick = max(trials, key=lambda t: t[2].max())  # ties: the earlier trial
     asha_pick = max(finished, key=lambda t: t[2].max())
-    return (any(t[0] is fifo_pick[0] for t in finished), best - table.mean_final(fifo_pick[1]),
-            best - table.mean_final(asha_pick[1]))
+    return (any(table.mean_final(t[1]) == best_drawn for t in finished),
+            best - table.mean_final(fifo_pick[1]), best - table.mean_final(asha_pick[1]))
 
 
 def asha_figures(table: Table, config: Config, budget: int, repeats: int,
@@ -254,7 +257,7 @@ def asha_figures(table: Table, config: Config, budget: int, repeats: int,
         studies = np.array([asha_study(table, config, grace_period, budget, seed + repeat)
                             for repeat in range(repeats)])
         rows.append({"grace_period": grace_period, "budget": budget,
-                     "fifo_pick_survives": float(studies[:, 0].mean()),
+                     "best_point_survives": float(studies[:, 0].mean()),
                      "fifo_regret_mean": float(studies[:, 1].mean()),
                      "asha_regret_mean": float(studies[:, 2].mean())})
     return rows
@@ -339,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     for epoch, rho in rung_correlations(table, config).items():
         print(f"  epoch {epoch}: {rho:.3f}")
     print(f"ASHA (reduction factor 4) on random searches of {max(args.budget)} trials "
-          f"({args.repeats} each): | grace period | FIFO's pick survives | regret FIFO | "
+          f"({args.repeats} each): | grace period | best point survives | regret FIFO | "
           "regret ASHA |")
     for r in asha_figures(table, config, max(args.budget), args.repeats, args.seed):
-        print(f"| {r['grace_period']} | {r['fifo_pick_survives']:.0%} | "
+        print(f"| {r['grace_period']} | {r['best_point_survives']:.0%} | "
               f"{r['fifo_regret_mean']:.4f} | {r['asha_regret_mean']:.4f} |")
     return 0
 

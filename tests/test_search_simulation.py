@@ -141,7 +141,7 @@ def test_a_missing_table_is_refused(tmp_path, capsys):
 def test_asha_loses_the_winner_when_early_epochs_rank_the_other_way(tmp_path):
     """Curves whose order at epoch 1 is the reverse of their final order (late peaks start
     slow): the rank correlation at epoch 1 is negative, and with a grace period of 1 ASHA
-    often stops the trial FIFO would pick; where early and final agree, it never does."""
+    often stops every trial of the best point drawn; where early and final agree, never."""
     reversed_path, agreeing_path = tmp_path / "reversed.csv", tmp_path / "agreeing.csv"
     write_table(reversed_path, smooth, early=lambda m, p: 0.9 - smooth(m, p, 0))
     write_table(agreeing_path, smooth)
@@ -153,9 +153,9 @@ def test_asha_loses_the_winner_when_early_epochs_rank_the_other_way(tmp_path):
     lost = simulate.asha_figures(reversed_table, config, 16, 20, seed=0)[0]
     kept = simulate.asha_figures(agreeing_table, config, 16, 20, seed=0)[0]
     assert lost["grace_period"] == kept["grace_period"] == 1
-    assert lost["fifo_pick_survives"] < 0.5 and lost["asha_regret_mean"] > \
+    assert lost["best_point_survives"] < 0.5 and lost["asha_regret_mean"] > \
         lost["fifo_regret_mean"]
-    assert kept["fifo_pick_survives"] == 1
+    assert kept["best_point_survives"] == 1
 
 
 @pytest.mark.timeout(240)
