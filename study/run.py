@@ -43,6 +43,7 @@ from study.plan import (
     trials_at_once,
 )
 from study.search import (
+    asha_warning,
     choose_sampler,
     close_orphaned_optuna_trials,
     confirmation_points,
@@ -292,6 +293,8 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
         write_json(plan.experiment, STUDY_JSON, study)
         print(describe_sampler(choose_sampler(plan.config), plan.config.search.num_samples),
               flush=True)
+        if (warning := asha_warning(plan.config)) is not None:
+            print(f"warning: {warning}", flush=True)
 
         trainable = make_trainable(to_dict(plan.config), splits_ref, resources,
                                    plan.experiment)

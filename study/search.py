@@ -24,9 +24,13 @@ from trainable.config import Config
 # fewest that give a spread with a second degree of freedom.
 CONFIRM_SEEDS_GPU = 2
 ORIGINAL_PEAK = (5, 20)  # the original's LR peaked at epoch 5 of 20
-# `search.sampler: auto`: the sampler whose simulated studies came closest to the table's best
-# config (docs/search-range.md).
+# `search.sampler: auto`: in simulated studies on the measured table, TPE with its startup
+# fitted to the budget was within noise of the best sampler at every budget, and uses its
+# model (docs/search-range.md).
 AUTO_SAMPLER = "tpe"
+# trials: up to this budget, no sampler beat random search in the simulated studies by more
+# than their own noise (the budgets measured: 8, 16, 32)
+AS_GOOD_AS_RANDOM_UP_TO = 32
 # Tune saves the experiment's state (and flushes each trial's result.json) at most every 10 s
 # by default; a driver killed in between loses that much, and resumed trials redo it. A save
 # is cheap (docs/performance.md). The user's own setting wins.
@@ -78,7 +82,16 @@ def fitted_startup_trials(num_samples: int) -> int:
 
 
 def describe_sampler(choice: SamplerChoice, num_samples: int) -> str:
-    """The line a study prints before its search: how its trials will be chosen."""
+    """The line a study prints before its search: how its trials will be chosen, and what
+    that is worth at its budget."""
+    how = _how_chosen(choice, num_samples)
+    if num_samples <= AS_GOOD_AS_RANDOM_UP_TO:
+        how += ("; at this budget the search is as good as random (simulated on a measured "
+                "table: docs/search-range.md)")
+    return how
+
+
+def _how_chosen(choice: SamplerChoice, num_samples: int) -> str:
     if choice.name in ("random", "qmc"):
         how = "random search" if choice.name == "random" else "scrambled Sobol points (QMC)"
         return f"search: the first point, then {how} for {num_samples} trials"
@@ -88,6 +101,17 @@ def describe_sampler(choice: SamplerChoice, num_samples: int) -> str:
                 f"cover all {num_samples}: this is random search")
     return (f"search: {title} over {num_samples} trials: the first point and random draws "
             f"until {choice.startup_trials} have finished, then its model")
+
+
+def asha_warning(config: Config) -> str | None:
+    """Under ASHA, a rung before the peak range's end compares trials that are still warming
+    up with ones that have peaked: on the measured table the best point then lost."""
+    peak_end = config.peak_epoch_range[1]
+    if config.search.scheduler != "asha" or config.grace_period >= peak_end:
+        return None
+    return (f"search.grace_period={config.grace_period} lets ASHA stop trials before the peak "
+            f"range ends (epoch {peak_end}); there early ranks did not hold "
+            "(docs/search-range.md)")
 
 
 def make_sampler(choice: SamplerChoice, seed: int) -> optuna.samplers.BaseSampler:
@@ -238,7 +262,7 @@ def make_tuner(config: Config, experiment: Folder, resume: bool, trainable, esti
     )
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.epochs,
-                                  grace_period=search.grace_period)
+                                  grace_period=config.grace_period)
     else:
         scheduler = FIFOScheduler()
     return tune.Tuner(

@@ -97,7 +97,7 @@ class SearchConfig:
     scheduler: SCHEDULERS = "fifo"
     sampler: SAMPLERS = "auto"
     startup_trials: Annotated[Int, Field(ge=0)] | None = None  # None: the sampler's rule
-    grace_period: Annotated[Int, Field(ge=1)] = 2
+    grace_period: Annotated[Int, Field(ge=1)] | None = None  # None: the peak range's end
     max_concurrent: Annotated[Int, Field(ge=1)] = 2
     max_failures: Annotated[Int, Field(ge=0)] = 1
     num_to_keep: Annotated[Int, Field(ge=1)] = 2
@@ -129,6 +129,10 @@ class Config:
         lo, hi = self.search.max_lr_range
         if not 0 < lo < hi:
             raise ConfigError(f"search.max_lr_range={[lo, hi]} needs 0 < lo < hi")
+        grace = self.search.grace_period
+        if grace is not None and grace > train.epochs:
+            raise ConfigError(f"search.grace_period={grace} must be <= "
+                              f"train.epochs={train.epochs}")
         if self.search.peak_epoch_range is None:
             return
         lo, hi = self.search.peak_epoch_range
@@ -143,6 +147,14 @@ class Config:
         if self.search.peak_epoch_range is not None:
             return self.search.peak_epoch_range
         return 1, max(2, self.train.epochs // 2)
+
+    @property
+    def grace_period(self) -> int:
+        """Epochs ASHA lets every trial run: by default to the end of the peak range, as a
+        trial still warming up ranks apart from how it ends (docs/search-range.md)."""
+        if self.search.grace_period is not None:
+            return self.search.grace_period
+        return self.peak_epoch_range[1]
 
     def replace(self, section: str, **values: Any) -> Config:
         """A copy with some fields of one section changed, validated again."""
