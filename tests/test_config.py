@@ -40,6 +40,9 @@ def test_dotted_overrides_are_typed_by_yaml():
     assert config.train.nesterov is False
     assert config.search.max_lr_range == (0.25, 4.0)
     assert config.peak_epoch_range == (1, 2)  # follows the epochs when not set
+    default = load_config(REPO / "configs" / "default.yaml", [])
+    assert default.grace_period == 10  # ASHA's rung: the end of the peak range, [1, 10]
+    assert default.replace("search", grace_period=4).grace_period == 4
     single = load_config(REPO / "configs" / "smoke.yaml", ["train.epochs=1",
                                                            "search.peak_epoch_range=null"])
     assert single.train.epochs == 1  # one epoch trains; only a study needs a range
@@ -62,6 +65,9 @@ def test_dotted_overrides_are_typed_by_yaml():
     ("search.peak_epoch_range=[0, 5]", "search.peak_epoch_range=[0, 5] needs 1 <= lo < hi"),
     ("search.peak_epoch_range=[5, 25]", "search.peak_epoch_range=[5, 25] needs 1 <= lo < hi"),
     ("lr_finder.num_iter=10", "lr_finder.num_iter: 10 is below the minimum 17"),
+    ("search.grace_period=21", "search.grace_period=21 must be <= train.epochs=20"),
+    ("search.sampler=cmaes", "search.sampler: 'cmaes' is not one of auto, tpe, gp, qmc, random"),
+    ("search.startup_trials=-1", "search.startup_trials: -1 is below the minimum 0"),
     ("epochs=5", "expected section.key=value"),
 ])
 def test_bad_values_are_refused_by_name(override, message):
