@@ -7,9 +7,11 @@ open in a browser."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,16 +114,33 @@ def _lr_per_step(config: Config, steps_per_epoch: int) -> list[float]:
 def _from_optuna(experiment: Folder,
                  sampler: dict[str, Any] | None) -> tuple[dict[str, float] | str, dict | None]:
     """Optuna's importances (or why there are none), and how the sampler chose the trials."""
+    with _optuna_study(experiment) as study:
+        if isinstance(study, str):
+            return study, None
+        return _ranked(study), _draws(study, sampler)
+
+
+def sampler_draws(experiment: Folder, sampler: dict[str, Any]) -> dict[str, Any] | None:
+    """The sampler (as study.json names it) with how its trials came (`_draws`)."""
+    with _optuna_study(experiment) as study:
+        return None if isinstance(study, str) else _draws(study, sampler)
+
+
+@contextlib.contextmanager
+def _optuna_study(experiment: Folder) -> Iterator[optuna.Study | str]:
+    """The experiment's Optuna study, or why there is none."""
     if not experiment.is_file(OPTUNA_DB):
-        return f"no {OPTUNA_DB}", None
+        yield f"no {OPTUNA_DB}"
+        return
     with experiment.local_copy(OPTUNA_DB) as database:
         storage = optuna.storages.RDBStorage(f"sqlite:///{database}")
         try:
-            study = optuna.load_study(study_name=experiment.name, storage=storage)
-        except KeyError:
-            return f"no Optuna study in {OPTUNA_DB}", None
-        try:
-            return _ranked(study), _draws(study, sampler)
+            try:
+                study = optuna.load_study(study_name=experiment.name, storage=storage)
+            except KeyError:
+                yield f"no Optuna study in {OPTUNA_DB}"
+                return
+            yield study
         finally:
             storage.engine.dispose()  # before a downloaded copy is removed
 

@@ -28,7 +28,7 @@ import ray
 
 from analysis.experiment import LR_FINDER_JSON, LR_FINDER_PNG, STUDY_JSON, Folder, Role
 from analysis.figures import plot_lr_finder
-from analysis.report import build_report, where
+from analysis.report import build_report, sampler_draws, where
 from analysis.results import best_trial, write_results
 from analysis.trust import edge_check, seed_spread
 from study import cost
@@ -308,6 +308,8 @@ def run(args: argparse.Namespace, plan: Plan, splits: Splits) -> int:
         finished = all_ended(table, Role.SEARCH, total)
         if finished:
             close_orphaned_optuna_trials(plan.experiment)
+            study["sampler"] = sampler_draws(plan.experiment, study["sampler"]) \
+                or study["sampler"]
             table, confirm_runs, finished = confirm(plan, study, table, trainable, resources,
                                                     estimate)
             total += confirm_runs
