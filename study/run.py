@@ -1,5 +1,5 @@
 """The study: an LR range test, then a Ray Tune search of max_lr and peak_epoch around its
-estimate (Optuna TPE), every trial a Ray Train run of the one-cycle loop; then the report.
+estimate (an Optuna sampler), every trial a Ray Train run of the one-cycle loop; then the report.
 
     python study/run.py --num-samples 8                    # a study on this machine
     python study/run.py --config configs/smoke.yaml --local --num-samples 3

@@ -111,7 +111,7 @@ def sampler_choice(spec: str, budget: int) -> SamplerChoice:
     name, _, startup = spec.partition(":")
     if name in ("random", "qmc"):
         return SamplerChoice(name, budget)
-    return SamplerChoice(name, int(startup) if startup else fitted_startup_trials(budget))
+    return SamplerChoice(name, int(startup) if startup else fitted_startup_trials(name, budget))
 
 
 def budget_free(spec: str) -> bool:
@@ -119,7 +119,8 @@ def budget_free(spec: str) -> bool:
     the first 8 of a study of 32 (asked in the same order after the same tells), and one run
     gives every budget's pick."""
     name, _, startup = spec.partition(":")
-    return name in ("random", "qmc") or bool(startup)
+    return len({sampler_choice(spec, b).startup_trials for b in (1, 8, 1000)}) == 1 \
+        or name in ("random", "qmc") or bool(startup)
 
 
 def simulate(table: Table, config: Config, choice: SamplerChoice, budgets: list[int],

@@ -73,14 +73,14 @@ def test_optuna_study_is_kept_in_sqlite(finished):
     assert len(trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert all(sorted(t.intermediate_values) == list(range(1, EPOCHS + 1)) for t in trials)
-    # TPE with max(2, 3 // 4) = 2 startup trials, one trial at a time: the first point, one
-    # random draw (1 finished before it), then the model (2 finished)
+    # GP with 2 startup trials, one trial at a time: the first point, one random draw (1 had
+    # finished before it), then the model (2 had)
     assert json.loads((experiment / STUDY_JSON).read_text())["sampler"] == {
-        "name": "tpe", "startup_trials": 2,
+        "name": "gp", "startup_trials": 2,
         "trials": {"first_point": 1, "startup": 1, "model": 1}}
     _, run = finished
-    assert "search: Optuna's TPE over 3 trials: the first point and random draws until 2 have " \
-        "finished, then its model; at this budget the search is as good as random" in run.stdout
+    assert "search: Optuna's GP over 3 trials: the first point and random draws until 2 have " \
+        "finished, then its model\n" in run.stdout
 
 
 def test_an_existing_experiment_is_never_overwritten(synthetic_dir, tmp_path, capsys):
