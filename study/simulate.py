@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -172,8 +173,8 @@ def measure(table: Table, config: Config, spec: str, budgets: list[int], repeats
     processes: the same figures, sooner)."""
     run = partial(_regrets, table, config, spec, budgets)
     seeds = range(seed, seed + repeats)
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
+    if jobs > 1:  # spawned, not forked: a fork of a process with threads (Ray's) can hang
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             regrets = np.array(list(pool.map(run, seeds)))
     else:
         regrets = np.array([run(s) for s in seeds])
