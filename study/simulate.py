@@ -27,6 +27,7 @@ import argparse
 import math
 import multiprocessing
 import sys
+import typing
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -42,10 +43,11 @@ from ray.tune.search.optuna import OptunaSearch
 from analysis.experiment import METRIC, MODE
 from study.lr_grid import TABLE_COLUMNS
 from study.search import SamplerChoice, fitted_startup_trials, make_sampler, search_space
-from trainable.config import Config, ConfigError, load_config
+from trainable.config import SAMPLERS, Config, ConfigError, load_config
 from trainable.constants import DEFAULT_CONFIG, EXIT_BAD_INPUT
 
-SAMPLER_NAMES = ("random", "qmc", "tpe", "gp")
+SAMPLER_NAMES = tuple(n for n in typing.get_args(SAMPLERS) if n != "auto")
+MODEL_FREE = ("random", "qmc")  # every trial a draw of its own: no startup count
 DEFAULT_SAMPLERS = ["random", "tpe:10", "tpe", "gp", "qmc"]  # tpe:10 is Ray's default TPE
 
 
@@ -110,7 +112,7 @@ def read_table(path: Path) -> Table:
 
 def sampler_choice(spec: str, budget: int) -> SamplerChoice:
     name, _, startup = spec.partition(":")
-    if name in ("random", "qmc"):
+    if name in MODEL_FREE:
         return SamplerChoice(name, budget)
     return SamplerChoice(name, int(startup) if startup else fitted_startup_trials(name, budget))
 
@@ -119,9 +121,9 @@ def budget_free(spec: str) -> bool:
     """Whether the sampler behaves the same whatever the budget: then a study of 8 trials is
     the first 8 of a study of 32 (asked in the same order after the same tells), and one run
     gives every budget's pick."""
-    name, _, startup = spec.partition(":")
-    return len({sampler_choice(spec, b).startup_trials for b in (1, 8, 1000)}) == 1 \
-        or name in ("random", "qmc") or bool(startup)
+    name = spec.partition(":")[0]
+    return name in MODEL_FREE or len({sampler_choice(spec, b).startup_trials
+                                      for b in (1, 8, 1000)}) == 1
 
 
 def simulate(table: Table, config: Config, choice: SamplerChoice, budgets: list[int],
@@ -300,7 +302,7 @@ def check_args(args: argparse.Namespace) -> None:
     for spec in args.samplers:
         name, _, startup = spec.partition(":")
         if name not in SAMPLER_NAMES or (startup and (not startup.isdigit()
-                                                      or name in ("random", "qmc"))):
+                                                      or name in MODEL_FREE)):
             raise TableError(f"--samplers {spec}: expected one of random, qmc, tpe[:N], gp[:N]")
 
 
