@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from analysis.report import ReportError, build_report, where
 from trainable.constants import EXIT_BAD_INPUT
-from trainable.data import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
                         "such as s3://bucket/runs/NAME")
     parser.add_argument("--data-dir", help="where CIFAR-10 is now, if it moved since the study")
     args = parser.parse_args(argv)
+    # Only now torch, Ray's results API and matplotlib (seconds to import): --help is at once.
+    from analysis.report import ReportError, build_report, where
+    from trainable.errors import DataError
+
     try:
         report = build_report(args.experiment, args.data_dir)
     except (ReportError, DataError) as err:

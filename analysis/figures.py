@@ -15,8 +15,15 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 
-from analysis.experiment import SEARCHED, Role  # noqa: E402
 from trainable.constants import TrialStatus  # noqa: E402
+from trainable.experiment import (  # noqa: E402
+    EPOCH,
+    METRIC,
+    SEARCHED,
+    Role,
+    without_diverged,
+)
+from trainable.record import SearchSpace  # noqa: E402
 
 DPI = 110
 BEST_COLOUR, OTHER_COLOUR = "tab:red", "tab:gray"
@@ -76,8 +83,8 @@ def plot_lr_schedule(lrs: Sequence[float], steps_per_epoch: int, peak_epoch: int
 def plot_curves(history: pd.DataFrame, val_name: str, path: Path) -> None:
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
-        ax.plot(history["epoch"], history[f"train_{metric}"], marker="o", label="train")
-        ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", label=val_name)
+        ax.plot(history[EPOCH], history[f"train_{metric}"], marker="o", label="train")
+        ax.plot(history[EPOCH], history[f"val_{metric}"], marker="o", label=val_name)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
@@ -128,15 +135,14 @@ def plot_trials(histories: dict[str, pd.DataFrame], statuses: dict[str, str], be
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = {TrialStatus.STOPPED: "s", TrialStatus.DIVERGED: "X", TrialStatus.ERROR: "x"}
     for trial_id, history in histories.items():
-        good = history[~history.get("diverged", pd.Series(False, index=history.index))
-                       .astype(bool)]
+        good = without_diverged(history)
         is_best = trial_id == best
-        ax.plot(good["epoch"], good["val_acc"], color=BEST_COLOUR if is_best else OTHER_COLOUR,
+        ax.plot(good[EPOCH], good[METRIC], color=BEST_COLOUR if is_best else OTHER_COLOUR,
                 linewidth=2.5 if is_best else 1, alpha=1 if is_best else 0.6, zorder=3 if
                 is_best else 2, label=f"best: {trial_id}" if is_best else None)
         status = statuses.get(trial_id)
         if status in markers and len(good):
-            ax.scatter(good["epoch"].iloc[-1], good["val_acc"].iloc[-1], marker=markers[status],
+            ax.scatter(good[EPOCH].iloc[-1], good[METRIC].iloc[-1], marker=markers[status],
                        s=70, color="black", zorder=4)
     for status, marker in markers.items():
         if status in statuses.values():
@@ -150,13 +156,13 @@ def plot_trials(histories: dict[str, pd.DataFrame], statuses: dict[str, str], be
     _save(fig, path)
 
 
-def plot_search_space(table: pd.DataFrame, estimate: float, best: str, space: dict[str, Any],
+def plot_search_space(table: pd.DataFrame, estimate: float, best: str, space: SearchSpace,
                       confirmation: dict[str, Any] | None, path: Path) -> None:
     """Best accuracy against each searched setting: the range searched shaded, every search
     trial a dot, the best ringed; confirmed configs as mean +- standard deviation."""
     search = table[table["role"] == Role.SEARCH]
-    peak_lo, peak_hi = space["peak_epoch"]["range"]  # integers: shade whole epochs
-    ranges = {"max_lr": space["max_lr"]["range"], "peak_epoch": (peak_lo - 0.5, peak_hi + 0.5)}
+    peak_lo, peak_hi = space.peak_epoch.range  # integers: shade whole epochs
+    ranges = {"max_lr": space.max_lr.range, "peak_epoch": (peak_lo - 0.5, peak_hi + 0.5)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, setting in zip(axes, SEARCHED, strict=True):
         ax.axvspan(*ranges[setting], color="tab:blue", alpha=0.08, label="range searched")

@@ -19,12 +19,25 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
+import pydantic
 import torch
 from torch import nn
 
 from analysis import figures
-from analysis.experiment import (
+from analysis.explain import TestEvaluation, evaluate_test, gradcam_maps, misclassified
+from analysis.html import write_index
+from analysis.results import Trial, best_trial, load_trials, trial_table
+from analysis.trust import edge_check, seed_spread
+from trainable.checkpoint import load_checkpoint
+from trainable.config import Config, from_dict
+from trainable.constants import CHECKPOINT_FILE
+from trainable.data import Splits, load_splits, to_uint8_images, train_transform
+from trainable.device import Runtime, select_runtime
+from trainable.errors import first_line
+from trainable.experiment import (
+    EPOCH,
     LR_FINDER_JSON,
+    METRIC,
     OPTUNA_DB,
     REPORT_DIR,
     STUDY_JSON,
@@ -32,18 +45,12 @@ from analysis.experiment import (
     Folder,
     Role,
     StorageError,
-    first_line,
+    one_per_epoch,
+    without_diverged,
 )
-from analysis.explain import TestEvaluation, evaluate_test, gradcam_maps, misclassified
-from analysis.html import write_index
-from analysis.results import Trial, best_trial, load_trials, trial_table
-from analysis.trust import edge_check, seed_spread
-from trainable.config import Config, from_dict
-from trainable.constants import CHECKPOINT_FILE
-from trainable.data import Splits, load_splits, to_uint8_images, train_transform
-from trainable.device import Runtime, select_runtime
-from trainable.loop import load_checkpoint, make_optimizer, make_scheduler, steps_per_epoch
+from trainable.loop import make_optimizer, make_scheduler, steps_per_epoch
 from trainable.model import build_model
+from trainable.record import MODEL_FREE, Draws, Sampler, StudyRecord
 
 # Figure files and their one-line captions, in the order the page shows them.
 FIGURES = {
@@ -78,26 +85,27 @@ class ReportError(ValueError):
     """An experiment that cannot be reported on; one line."""
 
 
-def _check_experiment(experiment: Folder) -> dict[str, Any]:
+def _check_experiment(experiment: Folder) -> StudyRecord:
     try:
         if not experiment.is_dir():
             raise ReportError(f"{experiment}: no such directory")
         if not experiment.is_file(STUDY_JSON) or not experiment.names(TUNE_STATE):
             raise ReportError(f"{experiment}: not an experiment directory (no {STUDY_JSON} "
                               "or no Tune experiment state)")
-        return json.loads(experiment.read_text(STUDY_JSON))
+        return StudyRecord.read(experiment)
     except OSError as err:  # a bucket that cannot be reached or read
         raise ReportError(f"{experiment}: cannot read it ({first_line(err)})") from None
+    except pydantic.ValidationError as err:
+        raise ReportError(f"{experiment}: {STUDY_JSON} is not a study's record "
+                          f"({first_line(err)})") from None
 
 
 def _history(trial: Trial, checkpoint_state: dict[str, Any]) -> pd.DataFrame:
     """Every epoch of the trial: the checkpoint's own history (kept across resumes) joined
     with what Tune recorded (which restarts after a resume on the TorchTrainer path)."""
     frames = [pd.DataFrame(checkpoint_state["history"]), trial.history]
-    merged = pd.concat([f for f in frames if len(f)], ignore_index=True)
-    if "diverged" in merged:
-        merged = merged[~merged["diverged"].fillna(False).astype(bool)]
-    return merged.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    return one_per_epoch(without_diverged(pd.concat([f for f in frames if len(f)],
+                                                    ignore_index=True)))
 
 
 def _lr_per_step(config: Config, steps_per_epoch: int) -> list[float]:
@@ -112,7 +120,7 @@ def _lr_per_step(config: Config, steps_per_epoch: int) -> list[float]:
 
 
 def _from_optuna(experiment: Folder,
-                 sampler: dict[str, Any] | None) -> tuple[dict[str, float] | str, dict | None]:
+                 sampler: Sampler) -> tuple[dict[str, float] | str, Sampler | None]:
     """Optuna's importances (or why there are none), and how the sampler chose the trials."""
     with _optuna_study(experiment) as study:
         if isinstance(study, str):
@@ -120,7 +128,7 @@ def _from_optuna(experiment: Folder,
         return _ranked(study), _draws(study, sampler)
 
 
-def sampler_draws(experiment: Folder, sampler: dict[str, Any]) -> dict[str, Any] | None:
+def sampler_draws(experiment: Folder, sampler: Sampler) -> Sampler | None:
     """The sampler (as study.json names it) with how its trials came (`_draws`)."""
     with _optuna_study(experiment) as study:
         return None if isinstance(study, str) else _draws(study, sampler)
@@ -155,15 +163,13 @@ def _ranked(study: optuna.Study) -> dict[str, float] | str:
         return f"Optuna could not rank the parameters ({err})"
 
 
-def _draws(study: optuna.Study, sampler: dict[str, Any] | None) -> dict[str, Any] | None:
+def _draws(study: optuna.Study, sampler: Sampler) -> Sampler:
     """The sampler (study.json's) and how its trials came: the first point (enqueued), random
     startup draws (asked while fewer than `startup_trials` had finished, counted as the
-    sampler counts), or its model. A study from before samplers were recorded: None."""
-    if sampler is None:
-        return None
+    sampler counts), or its model."""
     states = optuna.trial.TrialState
-    counted = (states.COMPLETE,) if sampler["name"] == "gp" else (states.COMPLETE, states.PRUNED)
-    model_free = sampler["name"] in ("random", "qmc")
+    counted = (states.COMPLETE,) if sampler.name == "gp" else (states.COMPLETE, states.PRUNED)
+    model_free = sampler.name in MODEL_FREE
     draws = {"first_point": 0, "startup": 0, "model": 0}
     trials = study.get_trials(deepcopy=False)
     for trial in trials:
@@ -172,8 +178,8 @@ def _draws(study: optuna.Study, sampler: dict[str, Any] | None) -> dict[str, Any
             continue
         finished = sum(t.state in counted and t.datetime_complete is not None
                        and t.datetime_complete <= trial.datetime_start for t in trials)
-        draws["startup" if model_free or finished < sampler["startup_trials"] else "model"] += 1
-    return {**sampler, "trials": draws}
+        draws["startup" if model_free or finished < sampler.startup_trials else "model"] += 1
+    return sampler.model_copy(update={"trials": Draws(**draws)})
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,7 @@ class Study:
     runtime: Runtime
     evaluation: TestEvaluation  # the best model on the test set, once
     lr_finder: dict[str, Any]  # the range test's results
-    record: dict[str, Any]  # study.json: how the study ran, its cost estimate and wall time
+    record: StudyRecord  # study.json: how the study ran, its cost estimate and wall time
 
     @property
     def val_name(self) -> str:
@@ -201,7 +207,7 @@ class Study:
 
 def _load_study(experiment: Folder, data_dir: str | None) -> Study:
     record = _check_experiment(experiment)
-    base = from_dict(record["config"])
+    base = record.config
     trials = load_trials(experiment, base)
     table = trial_table(trials)
     best_row = best_trial(table)
@@ -260,7 +266,7 @@ def _original_figures(study: Study, path: dict[str, Path]) -> list[int]:
 
 
 def _study_figures(study: Study, path: dict[str, Path],
-                   trust: dict[str, Any]) -> tuple[dict[str, float] | str, dict | None]:
+                   trust: dict[str, Any]) -> tuple[dict[str, float] | str, Sampler | None]:
     """Beyond the original: the study as a whole. Returns Optuna's importances (or why there
     are none) and how the sampler chose the trials."""
     table = study.table
@@ -268,9 +274,9 @@ def _study_figures(study: Study, path: dict[str, Path],
                         dict(zip(table["trial_id"], table["status"], strict=True)),
                         study.best.trial_id, study.val_name, path["trials"])
     figures.plot_search_space(table, study.lr_finder["suggested_lr"], study.best.trial_id,
-                              study.record["search_space"], trust["confirmation"],
+                              study.record.search_space, trust["confirmation"],
                               path["search_space"])
-    importances, draws = _from_optuna(study.experiment, study.record.get("sampler"))
+    importances, draws = _from_optuna(study.experiment, study.record.sampler)
     if isinstance(importances, dict):
         figures.plot_importance(importances, path["importance"])
     return importances, draws
@@ -278,12 +284,12 @@ def _study_figures(study: Study, path: dict[str, Path],
 
 def _trust(study: Study) -> dict[str, Any]:
     """Whether the winner lies at an edge of the space, and what its seeds' spread says."""
-    return {"edge_check": edge_check(study.best_row, study.record["search_space"],
+    return {"edge_check": edge_check(study.best_row, study.record.search_space,
                                      study.config.train.epochs),
             "confirmation": seed_spread(study.table, study.best.trial_id)}
 
 
-def _summary(study: Study, importances: dict[str, float] | str, sampler: dict | None,
+def _summary(study: Study, importances: dict[str, float] | str, sampler: Sampler | None,
              trust: dict[str, Any], figure_files: list[str]) -> dict[str, Any]:
     splits, evaluation, classes = study.splits, study.evaluation, study.splits.classes
     history = _history(study.best, study.state)
@@ -294,7 +300,7 @@ def _summary(study: Study, importances: dict[str, float] | str, sampler: dict | 
                            "test accuracy below is optimistic" if splits.val_is_test else
                            "trials were selected on a validation split carved from train"),
         "best_trial": {"trial_id": study.best.trial_id,
-                       "best_epoch": int(history.loc[history["val_acc"].idxmax(), "epoch"]),
+                       "best_epoch": int(history.loc[history[METRIC].idxmax(), EPOCH]),
                        "val_acc": float(study.best_row["best_val_acc"]),
                        "checkpoint": study.best.checkpoint, "config": study.state["config"]},
         "test": {"accuracy": evaluation.accuracy, "loss": evaluation.loss,
@@ -303,13 +309,12 @@ def _summary(study: Study, importances: dict[str, float] | str, sampler: dict | 
                                zip(classes, evaluation.per_class_accuracy, strict=True)},
         "lr_range_test": {"suggested_lr": study.lr_finder["suggested_lr"]},
         # The search (range test and trials): as estimated before it, and as it took.
-        "wall_time": {"estimated_s": study.record.get("cost_estimate", {}).get("study_s"),
-                      "actual_s": study.record["wall_s"] if study.record.get("finished")
-                      else None},
+        "wall_time": {"estimated_s": study.record.cost_estimate.study_s,
+                      "actual_s": study.record.wall_s if study.record.finished else None},
         "trials_by_status": {k: int(v) for k, v in
                              study.table.loc[study.table["role"] == Role.SEARCH, "status"]
                              .value_counts().items()},
-        "sampler": sampler,
+        "sampler": None if sampler is None else sampler.model_dump(mode="json"),
         "trust": trust,
         "importances": importances,
         "figures": {key: name for key, (name, _) in FIGURES.items() if name in figure_files},

@@ -14,8 +14,12 @@ from pyarrow.fs import FileType
 from ray import tune
 from ray.tune.experiment import Trial as TuneTrial
 
-from analysis.experiment import (
+from trainable.config import Config
+from trainable.constants import TrialStatus
+from trainable.experiment import (
     CONFIRM_DIR,
+    DIVERGED,
+    EPOCH,
     METRIC,
     MODE,
     RESULTS_CSV,
@@ -24,9 +28,11 @@ from analysis.experiment import (
     TUNE_STATE,
     Folder,
     Role,
+    one_per_epoch,
+    train_run_name,
+    trial_id_of_folder,
+    without_diverged,
 )
-from trainable.config import Config
-from trainable.constants import TrialStatus
 
 COLUMNS = ["trial_id", "role", "confirms", "seed", "status", "max_lr", "peak_epoch",
            "epochs_run", "best_val_acc", "final_val_acc", "val_loss", "train_loss", "wall_s",
@@ -47,10 +53,9 @@ class Trial:
 
 def _history(result: ray.tune.Result) -> pd.DataFrame:
     frame = result.metrics_dataframe
-    if frame is None or "epoch" not in frame:
-        return pd.DataFrame(columns=["epoch", METRIC])
-    # After a resume a trial may report an epoch twice: keep the latest report of each.
-    return frame.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+    if frame is None or EPOCH not in frame:
+        return pd.DataFrame(columns=[EPOCH, METRIC])
+    return one_per_epoch(frame)
 
 
 # Reading a finished Train run back logs, at INFO, advice meant for starting a new run there.
@@ -70,14 +75,14 @@ def _quiet(logger_name: str):
 
 def _best_checkpoint(result: ray.tune.Result, experiment: Folder, trial_id: str) -> str | None:
     """The URI of the trial's best checkpoint (a local path for a local experiment)."""
-    train_run = experiment / TRAIN_RUNS / f"train-{trial_id}"
+    train_run = experiment / TRAIN_RUNS / train_run_name(trial_id)
     if train_run.is_dir():  # the TorchTrainer path: Ray Train kept the checkpoints
         with _quiet(TRAIN_SNAPSHOT_LOGGER):
             run = ray.train.Result.from_path(train_run.uri)
         checkpoint = run.get_best_checkpoint(METRIC, MODE)
     else:
         scored = [(m.get(METRIC, -math.inf), c) for c, m in result.best_checkpoints or []
-                  if not m.get("diverged")]
+                  if not m.get(DIVERGED)]
         checkpoint = max(scored, key=lambda item: item[0])[1] if scored else None
     if checkpoint is None or \
             checkpoint.filesystem.get_file_info(checkpoint.path).type != FileType.Directory:
@@ -93,14 +98,14 @@ def _load_experiment(tune_dir: Folder, experiment: Folder, config: Config,
     status_of = {t.trial_id: t.status for t in analysis.trials}
     trials = []
     for result in tune.ResultGrid(analysis):
-        trial_id = result.path.rstrip("/").rsplit("trial_", 1)[-1]
+        trial_id = trial_id_of_folder(result.path)
         history = _history(result)
         last = history.iloc[-1] if len(history) else None
         if result.error is not None or status_of.get(trial_id) == TuneTrial.ERROR:
             status = TrialStatus.ERROR
-        elif last is not None and bool(last.get("diverged", False)):
+        elif last is not None and bool(last.get(DIVERGED, False)):
             status = TrialStatus.DIVERGED
-        elif last is not None and int(last["epoch"]) >= config.train.epochs:
+        elif last is not None and int(last[EPOCH]) >= config.train.epochs:
             status = TrialStatus.COMPLETED
         elif status_of.get(trial_id) == TuneTrial.TERMINATED:
             status = TrialStatus.STOPPED
@@ -128,13 +133,13 @@ def trial_table(trials: list[Trial]) -> pd.DataFrame:
     rows = []
     for trial in trials:
         h = trial.history
-        good = h[~h["diverged"].astype(bool)] if "diverged" in h else h
+        good = without_diverged(h)
         last = good.iloc[-1] if len(good) else {}
         rows.append({
             "trial_id": trial.trial_id, "role": trial.role, "confirms": trial.confirms,
             "seed": trial.seed, "status": trial.status,
             **{k: trial.config.get(k) for k in SEARCHED},
-            "epochs_run": int(h["epoch"].max()) if len(h) else 0,
+            "epochs_run": int(h[EPOCH].max()) if len(h) else 0,
             "best_val_acc": float(good[METRIC].max()) if len(good) else math.nan,
             "final_val_acc": last.get(METRIC, math.nan),
             "val_loss": last.get("val_loss", math.nan),

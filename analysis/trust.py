@@ -9,19 +9,20 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.experiment import METRIC, Role
+from trainable.experiment import METRIC, Role
+from trainable.record import SearchSpace
 
 EDGE = 0.1  # the outer tenth of the max_lr range, on a log scale, at either end
 
 
-def edge_check(best: pd.Series, space: dict[str, Any], epochs: int) -> dict[str, Any]:
+def edge_check(best: pd.Series, space: SearchSpace, epochs: int) -> dict[str, Any]:
     """Where the best trial lies in the space searched (`space`: study.json's search_space)
     and a warning for each setting to widen. A peak at an end that cannot move (epoch 1, the
     last epoch) is recorded but not warned about: no wider range could try past it."""
-    lo, hi = space["max_lr"]["range"]
+    lo, hi = space.max_lr.range
     position = math.log(best["max_lr"] / lo) / math.log(hi / lo)  # 0 at lo, 1 at hi
-    peak, (peak_lo, peak_hi) = int(best["peak_epoch"]), space["peak_epoch"]["range"]
-    times = space["max_lr"]["estimate_times"]
+    peak, (peak_lo, peak_hi) = int(best["peak_epoch"]), space.peak_epoch.range
+    times = list(space.max_lr.estimate_times)
     warnings = []
     if position < EDGE or position > 1 - EDGE:
         end, way = ("low", "down") if position < EDGE else ("high", "up")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import socket
@@ -15,7 +14,11 @@ import ray
 from ray.job_config import JobConfig
 
 from study.plan import BadInput, this_machine
-from study.trial import RAY_ENV
+
+# Ray Train's controller polls its workers every 2 s by default, and a trial waits for a poll
+# to start, to report and to end. Not 0.1 s, though faster still: a trial then once ended in
+# Tune before its last epoch's report reached Tune. Figures: docs/performance.md.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def check_reachable(address: str) -> None:
@@ -31,35 +34,36 @@ def check_reachable(address: str) -> None:
                        "`ray start --head` running there, and is the port open?") from None
 
 
-def start_ray(args: argparse.Namespace, name: str):
+def start_ray(name: str, address: str | None = None, dashboard_host: str = "127.0.0.1"):
     """A Ray of this study's own (never one a `ray start` left running), or the cluster at
-    --address; the dashboard's Jobs page names the job after the experiment."""
+    `address`; the dashboard's Jobs page names the job after the experiment `name`. What the
+    trials write to stderr (their warnings: trainable/logs.py) reaches this driver's."""
     job = JobConfig(metadata={"job_name": name})
-    if not args.address:
+    if not address:
         os.environ.update(RAY_ENV)
         machine = this_machine()
         return ray.init(address="local", num_cpus=int(machine["CPU"]),
                         num_gpus=int(machine["GPU"]), include_dashboard=True,
-                        dashboard_host=args.dashboard_host, log_to_driver=False, job_config=job)
-    check_reachable(args.address)
+                        dashboard_host=dashboard_host, log_to_driver=True, job_config=job)
+    check_reachable(address)
     # A refused token shows only in Ray's C++ log on stderr (a line a second for 20 s, then a
     # ConnectionError): keep that log aside, to tell the two causes apart in one line.
     with tempfile.TemporaryFile(mode="w+") as log:
         with stderr_to(log):
             try:
-                context = ray.init(address=args.address, runtime_env={"env_vars": RAY_ENV},
-                                   log_to_driver=False, job_config=job)
+                context = ray.init(address=address, runtime_env={"env_vars": RAY_ENV},
+                                   log_to_driver=True, job_config=job)
             except ConnectionError:
                 context = None
         log.seek(0)
         said = log.read()
     if context is None and "InvalidAuthToken" in said:
-        raise BadInput(f"--address {args.address}: the cluster refused this driver's token; "
+        raise BadInput(f"--address {address}: the cluster refused this driver's token; "
                        "to an explicit address Ray sends one only with RAY_AUTH_MODE=token: set "
                        "it, and RAY_AUTH_TOKEN to what `ray get-auth-token` prints on the head "
                        "node (on the head node itself, --address auto needs neither)")
     if context is None:
-        raise BadInput(f"--address {args.address}: no Ray cluster answered there; start one "
+        raise BadInput(f"--address {address}: no Ray cluster answered there; start one "
                        "with `ray start --head`, or check the address")
     sys.stderr.write(said)
     return context

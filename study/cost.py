@@ -6,21 +6,20 @@ few training steps of the configured model and batch; the rest is arithmetic on 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
-from dataclasses import dataclass
-from typing import Any
 
 import ray
 from ray import tune
 from ray.tune.experiment import Trial as TuneTrial
 
 from analysis.html import duration
-from study.trial import Resources
-from trainable.config import Config, from_dict, to_dict
-from trainable.data import DataError, Splits
+from study.plan import Bound
+from trainable.config import Config
+from trainable.data import Splits
+from trainable.errors import DataError
 from trainable.loop import steps_per_epoch
+from trainable.record import Estimate
 from trainable.speed import measure_speed
 
 # A trial's fixed seconds beyond its epochs (processes, Train's set-up, the model, the end),
@@ -34,37 +33,20 @@ SMALLER_RUNS = ("--config configs/smoke.yaml", "--set data.limit_train=5000",
                 "--set train.epochs=5", "a smaller --num-samples")
 
 
-@dataclass(frozen=True)
-class Estimate:
-    device: str  # where the trials' workers compute
-    workers: int  # per trial
-    images_per_s: float  # training, one trial (all its workers)
-    epoch_s: float  # one epoch: training and validation
-    overhead_s: float  # a trial's fixed seconds
-    trial_s: float  # one trial, every epoch
-    range_test_s: float
-    trials: int
-    at_once: int  # trials that fit at once
-    study_s: float  # the range test, then the trials, `at_once` at a time
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 @ray.remote
-def _remote_speed(base: dict[str, Any], splits_ref: list, workers: int) -> dict[str, float]:
-    return measure_speed(from_dict(base), ray.get(splits_ref[0]).train, workers)
+def _remote_speed(config: Config, splits_ref: list, workers: int) -> dict[str, float]:
+    return measure_speed(config, ray.get(splits_ref[0]).train, workers)
 
 
-def measure(config: Config, splits_ref: ray.ObjectRef, splits: Splits, resources: Resources,
-            at_once: int) -> Estimate:
+def measure(bound: Bound, splits_ref: ray.ObjectRef, splits: Splits) -> Estimate:
     """The study's cost, from a few steps timed with one worker's resources."""
+    config, resources, at_once = bound.config, bound.resources, bound.at_once
     bundle = resources.worker_bundle()
     task = _remote_speed.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0))
     try:
         # As many at once as the trials' workers will run at once (up to PROBES): workers
         # sharing a machine or a GPU slow each other down, and the estimate should say so.
-        probes = ray.get([task.remote(to_dict(config), [splits_ref], resources.workers)
+        probes = ray.get([task.remote(config, [splits_ref], resources.workers)
                           for _ in range(min(at_once * resources.workers, PROBES))])
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, DataError):  # say the data's problem, not Ray's traceback
@@ -84,8 +66,10 @@ def measure(config: Config, splits_ref: ray.ObjectRef, splits: Splits, resources
     search = config.search
     trials = search.num_samples + search.confirm_top * (search.confirm_seeds or 0)
     study_s = range_test_s + math.ceil(trials / at_once) * trial_s
-    return Estimate(speed["device"], resources.workers, images_per_s, epoch_s, overhead_s,
-                    trial_s, range_test_s, trials, at_once, study_s)
+    return Estimate(device=speed["device"], workers=resources.workers,
+                    images_per_s=images_per_s, epoch_s=epoch_s, overhead_s=overhead_s,
+                    trial_s=trial_s, range_test_s=range_test_s, trials=trials,
+                    at_once=at_once, study_s=study_s)
 
 
 def describe(estimate: Estimate, config: Config, splits: Splits) -> list[str]:

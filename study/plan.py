@@ -1,9 +1,12 @@
-"""A study's plan: the config, the experiment folder and the trial's resources, all checked
-before Ray starts or anything is written. Bad input raises `BadInput`, printed as one line."""
+"""A study's plan: what the command line asked for, checked and resolved into the config, the
+experiment folder and how trials run, before Ray starts or anything is written; then bound to
+a cluster's resources. Bad input raises `BadInput`, printed as one line.
+
+No Ray Tune, Ray Train or Optuna here, and torch only for the last checks (the disk's, this
+machine's GPUs): a typo is refused at once."""
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -17,14 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
-import torch
+import pydantic
 
-from analysis.experiment import STUDY_JSON, Folder, StorageError, first_line
-from study.search import choose_sampler, describe_space
-from study.trial import DRIVER_CPU, Resources
-from trainable.config import Config, from_dict, load_config, to_dict
+from study.space import choose_sampler, default_confirm_seeds, search_space
+from trainable.config import Config, dump_config, load_config
 from trainable.constants import DEFAULT_CONFIG
-from trainable.model import build_model
+from trainable.errors import first_line
+from trainable.experiment import STUDY_JSON, Folder, StorageError
+from trainable.record import StudyRecord
+
+# CPUs the Tune trainable that drives a TorchTrainer holds; {"CPU": 0} is refused.
+DRIVER_CPU = 0.01
 
 
 class BadInput(ValueError):
@@ -32,77 +38,168 @@ class BadInput(ValueError):
 
 
 @dataclass(frozen=True)
+class Request:
+    """The command line as the user gave it (study/run.py's flags; None: not given)."""
+
+    config: str | None = None
+    overrides: tuple[str, ...] = ()  # --set section.key=value
+    data_dir: str | None = None
+    num_samples: int | None = None
+    scheduler: str | None = None
+    confirm_seeds: int | None = None
+    storage: str = "runs"
+    name: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    local: bool = False
+    workers_per_trial: int | None = None
+    cpus_per_worker: float | None = None
+    gpus_per_trial: float | None = None
+    address: str | None = None
+    dashboard_host: str = "127.0.0.1"
+    dry_run: bool = False
+    no_report: bool = False
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where and how the trials run: what `bind` needs, and a resume must repeat."""
+
+    local: bool  # each trial's loop in its Tune trainable, no TorchTrainer
+    workers: int  # Ray Train workers per trial
+    cpus_per_worker: float | None  # None: 1 less the trial driver's share
+    gpus_per_trial: float | None  # None: 1 when the cluster has GPUs and not local
+    address: str | None  # a running cluster; None: a Ray of the study's own
+    dashboard_host: str
+
+
+@dataclass(frozen=True)
 class Plan:
     config: Config
     experiment: Folder  # <storage>/<name>, on local disk or in a bucket
     resume: bool
+    launch: Launch
+    dry_run: bool
+    report: bool  # the report at the end
 
 
-def workers_per_trial(args: argparse.Namespace) -> int:
-    return 1 if args.workers_per_trial is None else args.workers_per_trial
+@dataclass(frozen=True)
+class Resources:
+    """What one trial asks of the cluster."""
+
+    workers: int  # Ray Train workers (DDP processes); 1 and no TorchTrainer with --local
+    cpus_per_worker: float
+    gpus_per_worker: float
+    local: bool
+
+    def worker_bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            bundle["GPU"] = self.gpus_per_worker
+        return bundle
+
+    def trial_bundle(self) -> dict[str, float]:
+        """The Tune trainable's own request: the whole trial with --local, else only the
+        driver, whose workers Ray Train places."""
+        return self.worker_bundle() if self.local else {"CPU": DRIVER_CPU}
+
+    def per_trial(self) -> dict[str, float]:
+        total = {k: v * self.workers for k, v in self.worker_bundle().items()}
+        if not self.local:
+            total["CPU"] += DRIVER_CPU
+        return total
 
 
-def resolve(args: argparse.Namespace) -> Plan:
-    """The config and the experiment directory, all checked; nothing written."""
-    if args.local and args.workers_per_trial is not None:
-        raise BadInput("--local runs each trial in one process: drop --workers-per-trial")
-    workers = workers_per_trial(args)
-    if workers < 1:
-        raise BadInput(f"--workers-per-trial={workers}: must be at least 1")
-    if args.cpus_per_worker is not None and not 0 < args.cpus_per_worker < math.inf:
-        raise BadInput(f"--cpus-per-worker={args.cpus_per_worker}: must be positive")
-    if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial < math.inf:
-        raise BadInput(f"--gpus-per-trial={args.gpus_per_trial}: must be 0 or more")
-    if args.resume and args.overwrite:
+@dataclass(frozen=True)
+class Bound:
+    """A plan bound to a cluster: its config (the confirm-seeds default decided by the
+    trials' device), a trial's resources, and how many trials fit at once."""
+
+    config: Config
+    resources: Resources
+    at_once: int
+
+
+def resolve(request: Request) -> Plan:
+    """The config, the experiment folder and the launch, all checked; nothing written."""
+    launch = _launch(request)
+    if request.resume and request.overwrite:
         raise BadInput("--resume and --overwrite exclude each other")
-    if args.resume and not args.name:
+    if request.resume and not request.name:
         raise BadInput("--resume needs --name of the experiment to continue")
-
-    name = args.name or datetime.datetime.now(datetime.UTC).strftime("study-%Y%m%dT%H%M%SZ")
+    name = request.name or datetime.datetime.now(datetime.UTC).strftime("study-%Y%m%dT%H%M%SZ")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise BadInput(f"--name {name!r}: must be a plain folder name "
                        "(letters, digits, '.', '_', '-'; not starting with '.' or '-')")
     try:
-        storage = Folder.at(args.storage)
+        storage = Folder.at(request.storage)
     except StorageError as err:
         raise BadInput(str(err)) from None
     if not storage.is_local:
         check_bucket(storage)
     experiment = storage / name
-
-    overrides = list(args.overrides)
-    for flag, key in ((args.data_dir, "data.dir"), (args.num_samples, "search.num_samples"),
-                      (args.scheduler, "search.scheduler"),
-                      (args.confirm_seeds, "search.confirm_seeds")):
-        if flag is not None:
-            overrides.append(f"{key}={json.dumps(flag)}")
-    if args.resume:
-        if not experiment.is_file(STUDY_JSON):
-            raise BadInput(f"{experiment}: no experiment to resume ({STUDY_JSON} missing)")
-        if overrides or args.config is not None:
-            raise BadInput("--resume continues with the experiment's own config: "
-                           "drop --config, --set and the flags that change it")
-        config = from_dict(json.loads(experiment.read_text(STUDY_JSON))["config"])
-    else:
-        if experiment.exists() and not args.overwrite:
-            raise BadInput(f"{experiment}: experiment exists; use --resume to continue it "
-                           "or --overwrite to replace it")
-        config = load_config(args.config or DEFAULT_CONFIG, overrides)
-        if config.peak_epoch_range[1] > config.train.epochs:
-            raise BadInput(f"train.epochs={config.train.epochs}: a study needs at least 2 "
-                           "epochs to search the peak epoch")
-        # Absolute, so that trials on other processes and the report find the data.
-        config = config.replace("data", dir=str(Path(config.data.dir).resolve()))
-    if config.train.batch_size % workers:
+    config = _config(request, experiment)
+    if config.train.batch_size % launch.workers:
         raise BadInput(f"train.batch_size={config.train.batch_size} (the global batch) does not "
-                       f"split evenly over --workers-per-trial={workers}")
+                       f"split evenly over --workers-per-trial={launch.workers}")
     if storage.is_local:
         check_disk(Path(experiment.path), config)
-    return Plan(config, experiment, args.resume)
+    return Plan(config, experiment, request.resume, launch, request.dry_run,
+                report=not request.no_report)
+
+
+def _launch(request: Request) -> Launch:
+    if request.local and request.workers_per_trial is not None:
+        raise BadInput("--local runs each trial in one process: drop --workers-per-trial")
+    workers = 1 if request.workers_per_trial is None else request.workers_per_trial
+    if workers < 1:
+        raise BadInput(f"--workers-per-trial={workers}: must be at least 1")
+    cpus, gpus = request.cpus_per_worker, request.gpus_per_trial
+    if cpus is not None and not 0 < cpus < math.inf:
+        raise BadInput(f"--cpus-per-worker={cpus}: must be positive")
+    if gpus is not None and not 0 <= gpus < math.inf:
+        raise BadInput(f"--gpus-per-trial={gpus}: must be 0 or more")
+    return Launch(request.local, workers, cpus, gpus, request.address, request.dashboard_host)
+
+
+def _config(request: Request, experiment: Folder) -> Config:
+    """A new study's config (file, flags, --set), or the resumed one's own."""
+    overrides = list(request.overrides)
+    for flag, key in ((request.data_dir, "data.dir"), (request.num_samples, "search.num_samples"),
+                      (request.scheduler, "search.scheduler"),
+                      (request.confirm_seeds, "search.confirm_seeds")):
+        if flag is not None:
+            overrides.append(f"{key}={json.dumps(flag)}")
+    if request.resume:
+        if not experiment.is_file(STUDY_JSON):
+            raise BadInput(f"{experiment}: no experiment to resume ({STUDY_JSON} missing)")
+        if overrides or request.config is not None:
+            raise BadInput("--resume continues with the experiment's own config: "
+                           "drop --config, --set and the flags that change it")
+        return read_record(experiment).config
+    if experiment.exists() and not request.overwrite:
+        raise BadInput(f"{experiment}: experiment exists; use --resume to continue it "
+                       "or --overwrite to replace it")
+    config = load_config(request.config or DEFAULT_CONFIG, overrides)
+    if config.peak_epoch_range[1] > config.train.epochs:
+        raise BadInput(f"train.epochs={config.train.epochs}: a study needs at least 2 "
+                       "epochs to search the peak epoch")
+    # Absolute, so that trials on other processes and the report find the data.
+    return config.replace("data", dir=str(Path(config.data.dir).resolve()))
+
+
+def read_record(experiment: Folder) -> StudyRecord:
+    try:
+        return StudyRecord.read(experiment)
+    except pydantic.ValidationError as err:
+        raise BadInput(f"{experiment}: {STUDY_JSON} is not a study's record "
+                       f"({first_line(err)})") from None
 
 
 def checkpoint_bytes(config: Config) -> int:
     """Bytes of one trial checkpoint: the model's state and SGD's momentum, one per weight."""
+    from trainable.model import build_model  # torch: only once the cheap checks have passed
+
     model = build_model(config.model.name)
     tensors = list(model.state_dict().values()) + list(model.parameters())
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -157,56 +254,61 @@ def check_disk(experiment_dir: Path, config: Config) -> None:
 def this_machine() -> dict[str, float]:
     """The resources the Ray this study starts will have (it is told them), known before it
     starts, so that a trial too big for them is refused first."""
+    import torch
+
     return {"CPU": float(len(os.sched_getaffinity(0))),
             "GPU": float(torch.cuda.device_count())}
 
 
-def trial_resources(args: argparse.Namespace, cluster: dict[str, float]) -> Resources:
-    gpus = args.gpus_per_trial
+def bind(plan: Plan, cluster: dict[str, float]) -> Bound:
+    """The plan against a cluster's resources (this machine's before Ray starts,
+    `ray.cluster_resources()` after): a trial's resources, refused when they could never be
+    met, how many trials fit at once, and the confirm-seeds default."""
+    launch = plan.launch
+    gpus = launch.gpus_per_trial
     if gpus is None:
-        gpus = 1.0 if cluster.get("GPU", 0) and not args.local else 0.0
+        gpus = 1.0 if cluster.get("GPU", 0) and not launch.local else 0.0
     if gpus and not cluster.get("GPU", 0):
         raise BadInput(f"--gpus-per-trial={gpus}: the cluster has no GPU")
     if gpus > cluster.get("GPU", 0):
         raise BadInput(f"--gpus-per-trial={gpus}: the cluster has only {cluster['GPU']:g} "
                        "GPUs; the trial would wait forever")
-    workers = workers_per_trial(args)
-    if args.local:
+    if launch.local:
         cpus = 1.0
-    elif args.cpus_per_worker is None:
-        cpus = 1.0 - DRIVER_CPU / workers
+    elif launch.cpus_per_worker is None:
+        cpus = 1.0 - DRIVER_CPU / launch.workers
     else:
-        cpus = args.cpus_per_worker
-    resources = Resources(workers, cpus, gpus / workers, args.local)
+        cpus = launch.cpus_per_worker
+    resources = Resources(launch.workers, cpus, gpus / launch.workers, launch.local)
     for kind, need in resources.per_trial().items():
         if need > cluster.get(kind, 0):
             raise BadInput(f"one trial needs {need:g} {kind} ({resources.workers} workers) but "
                            f"the cluster has {cluster.get(kind, 0):g}; the trial would wait "
                            "forever")
-    return resources
-
-
-def trials_at_once(resources: Resources, cluster: dict[str, float], max_concurrent: int) -> int:
     fits = min(math.floor(cluster.get(kind, 0) / need + 1e-9)
                for kind, need in resources.per_trial().items() if need)
-    return min(fits, max_concurrent)
-
-
-def print_plan(plan: Plan, resources: Resources, at_once: int, cost: dict[str, Any]) -> None:
-    """The plan as JSON, with the cost estimate (`said`: as a study prints it)."""
     config = plan.config
+    if config.search.confirm_seeds is None:
+        config = config.replace("search",
+                                confirm_seeds=default_confirm_seeds(resources.gpus_per_worker))
+    return Bound(config, resources, min(fits, config.search.max_concurrent))
+
+
+def print_plan(plan: Plan, bound: Bound, cost: dict[str, Any]) -> None:
+    """The plan as JSON, with the cost estimate (`said`: as a study prints it)."""
+    config, resources = bound.config, bound.resources
     print(json.dumps({
         "experiment": str(plan.experiment),
-        "config": to_dict(config),
-        "search_space": describe_space(config, None),
-        "sampler": choose_sampler(config).describe(),
+        "config": dump_config(config),
+        "search_space": search_space(config, None).model_dump(mode="json"),
+        "sampler": choose_sampler(config).model_dump(exclude_none=True),
         "trials": config.search.num_samples,
-        "confirmation_runs": config.search.confirm_top * (config.search.confirm_seeds or 0),
+        "confirmation_runs": config.search.confirm_top * config.search.confirm_seeds,
         "resources_per_trial": resources.per_trial(),
         "workers_per_trial": resources.workers,
         "batch_size_per_worker": config.train.batch_size // resources.workers,
         "path": "local (loop in the Tune trainable)" if resources.local else "TorchTrainer",
         "max_concurrent": config.search.max_concurrent,
-        "trials_fitting_at_once": at_once,
+        "trials_fitting_at_once": bound.at_once,
         "cost_estimate": cost,
     }, indent=2))

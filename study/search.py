@@ -3,10 +3,8 @@ by the budget, docs/search-range.md) and the Tuner that runs the trials."""
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -15,108 +13,38 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from analysis.experiment import CONFIRM_DIR, METRIC, MODE, OPTUNA_DB, Folder, optuna_db, optuna_url
 from analysis.results import ranked_search_trials
+from study.space import choose_sampler, first_point
 from study.trial import DivergenceStopper
 from trainable.config import Config
+from trainable.experiment import (
+    CONFIRM_DIR,
+    DIVERGED,
+    EPOCH,
+    METRIC,
+    MODE,
+    OPTUNA_DB,
+    Folder,
+    optuna_db,
+    optuna_url,
+    trial_folder,
+)
+from trainable.record import ConfirmPoint, Sampler, SearchSpace
 
-# Confirmation seeds per top config when trials get a GPU: 2 more make 3 runs a config, the
-# fewest that give a spread with a second degree of freedom.
-CONFIRM_SEEDS_GPU = 2
-ORIGINAL_PEAK = (5, 20)  # the original's LR peaked at epoch 5 of 20
-# `search.sampler: auto`: in simulated studies on the measured table, Optuna's GP with 2 random
-# startup trials came closest to the best config at 8, 16 and 32 trials, beyond the noise
-# (docs/search-range.md).
-AUTO_SAMPLER = "gp"
-GP_STARTUP_TRIALS = 2
-# trials: up to this budget, TPE, QMC and random search were within the simulated studies'
-# noise of each other (the budgets measured: 8, 16, 32)
-AS_GOOD_AS_RANDOM_UP_TO = 32
 # Tune saves the experiment's state (and flushes each trial's result.json) at most every 10 s
 # by default; a driver killed in between loses that much, and resumed trials redo it. A save
 # is cheap (docs/performance.md). The user's own setting wins.
 TUNE_STATE_PERIOD = ("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 
-def search_space(config: Config, estimate: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The Tune space around the range test's estimate, and the first point to evaluate: the
-    middle of the max_lr range (on a log scale) with the original's peak (epoch 5 of 20)
-    scaled to this epoch budget."""
-    lo, hi = config.search.max_lr_range
-    peak_lo, peak_hi = config.peak_epoch_range
-    space = {"max_lr": tune.loguniform(estimate * lo, estimate * hi),
-             "peak_epoch": tune.randint(peak_lo, peak_hi + 1)}  # randint's upper is exclusive
-    peak = round(config.train.epochs * ORIGINAL_PEAK[0] / ORIGINAL_PEAK[1])
-    first = {"max_lr": estimate * math.sqrt(lo * hi),
-             "peak_epoch": min(max(peak, peak_lo), peak_hi)}
-    return space, first
+def tune_space(space: SearchSpace) -> dict[str, Any]:
+    """Tune's space for the one description of it (study.json's)."""
+    peak_lo, peak_hi = space.peak_epoch.range
+    return {"max_lr": tune.loguniform(*space.max_lr.range),
+            "peak_epoch": tune.randint(peak_lo, peak_hi + 1)}  # randint's upper is exclusive
 
 
-@dataclass(frozen=True)
-class SamplerChoice:
-    """The Optuna sampler a study runs, and how many of its first trials it draws at random
-    before its model takes over (counted over finished trials, as Optuna does)."""
-
-    name: str  # tpe, gp, qmc or random
-    startup_trials: int
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "startup_trials": self.startup_trials}
-
-
-def choose_sampler(config: Config) -> SamplerChoice:
-    """`search.sampler` and `search.startup_trials`, with `auto` and null resolved by the rule
-    the simulated searches measured (docs/search-range.md)."""
-    search = config.search
-    name = AUTO_SAMPLER if search.sampler == "auto" else search.sampler
-    if name in ("random", "qmc"):
-        return SamplerChoice(name, search.num_samples)  # every trial is a draw of its own
-    if search.startup_trials is not None:
-        return SamplerChoice(name, search.startup_trials)
-    return SamplerChoice(name, fitted_startup_trials(name, search.num_samples))
-
-
-def fitted_startup_trials(name: str, num_samples: int) -> int:
-    """Random startup trials for a study of `num_samples` trials, as measured
-    (docs/search-range.md): GP, 2 (the only count simulated, and the best sampler); TPE, a
-    quarter of the budget, at least 2 (the best count tried at each budget, or within noise)."""
-    return GP_STARTUP_TRIALS if name == "gp" else max(2, num_samples // 4)
-
-
-def describe_sampler(choice: SamplerChoice, num_samples: int) -> str:
-    """The line a study prints before its search: how its trials will be chosen, and what
-    that is worth at its budget."""
-    how = _how_chosen(choice, num_samples)
-    if choice.name != "gp" and num_samples <= AS_GOOD_AS_RANDOM_UP_TO:
-        how += ("; at this budget the search is as good as random (simulated on a measured "
-                "table: docs/search-range.md)")
-    return how
-
-
-def _how_chosen(choice: SamplerChoice, num_samples: int) -> str:
-    if choice.name in ("random", "qmc"):
-        how = "random search" if choice.name == "random" else "scrambled Sobol points (QMC)"
-        return f"search: the first point, then {how} for {num_samples} trials"
-    title = {"tpe": "Optuna's TPE", "gp": "Optuna's GP"}[choice.name]
-    if choice.startup_trials >= num_samples:
-        return (f"search: {title}, but its {choice.startup_trials} random startup trials "
-                f"cover all {num_samples}: this is random search")
-    return (f"search: {title} over {num_samples} trials: the first point and random draws "
-            f"until {choice.startup_trials} have finished, then its model")
-
-
-def asha_warning(config: Config) -> str | None:
-    """Under ASHA, a rung before the peak range's end compares trials that are still warming
-    up with ones that have peaked: on the measured table the best point then lost."""
-    peak_end = config.peak_epoch_range[1]
-    if config.search.scheduler != "asha" or config.grace_period >= peak_end:
-        return None
-    return (f"search.grace_period={config.grace_period} lets ASHA stop trials before the peak "
-            f"range ends (epoch {peak_end}); there early ranks did not hold "
-            "(docs/search-range.md)")
-
-
-def make_sampler(choice: SamplerChoice, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(choice: Sampler, seed: int) -> optuna.samplers.BaseSampler:
     samplers = {
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         # scrambled: a seeded Sobol sequence of its own per study, not the same points always
@@ -144,9 +72,9 @@ class StudySearch(OptunaSearch):
 
     def _report(self, trial_id: str, result: dict[str, Any]) -> None:
         told = self.reported.setdefault(trial_id, set())
-        if result["epoch"] not in told:  # a resumed trial may run an epoch again
-            self._ot_trials[trial_id].report(result[METRIC], result["epoch"])
-            told.add(result["epoch"])
+        if result[EPOCH] not in told:  # a resumed trial may run an epoch again
+            self._ot_trials[trial_id].report(result[METRIC], result[EPOCH])
+            told.add(result[EPOCH])
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if trial_id not in self._completed_trials:
@@ -154,41 +82,25 @@ class StudySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
-        if trial_id in self._completed_trials or error or not result or "epoch" not in result:
+        if trial_id in self._completed_trials or error or not result or EPOCH not in result:
             super().on_trial_complete(trial_id, result, error)
             return
         self._report(trial_id, result)
-        if result.get("diverged") or result["epoch"] >= self.epochs:
+        if result.get(DIVERGED) or result[EPOCH] >= self.epochs:
             super().on_trial_complete(trial_id, result, error)
             return
         self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
         self._completed_trials.add(trial_id)
 
 
-def describe_space(config: Config, estimate: float | None) -> dict[str, Any]:
-    lo, hi = config.search.max_lr_range
-    described = {"max_lr": {"distribution": "log-uniform", "estimate_times": [lo, hi]},
-                 "peak_epoch": {"distribution": "integer uniform",
-                                "range": list(config.peak_epoch_range)}}
-    if estimate is not None:
-        described["max_lr"]["range"] = [estimate * lo, estimate * hi]
-    return described
-
-
-def default_confirm_seeds(gpus_per_worker: float) -> int:
-    """More seeds for the top configs when trials get a GPU (there each costs minutes);
-    none on CPUs, where each costs hours (docs/search-range.md): `--confirm-seeds` asks."""
-    return CONFIRM_SEEDS_GPU if gpus_per_worker > 0 else 0
-
-
-def confirmation_points(table: pd.DataFrame, config: Config) -> list[dict[str, Any]]:
+def confirmation_points(table: pd.DataFrame, config: Config) -> tuple[ConfirmPoint, ...]:
     """The search's best `search.confirm_top` configs, each with `search.confirm_seeds` more
     seeds (after the study's own, which their search trials ran with)."""
     search, seed = config.search, config.train.seed
     top = ranked_search_trials(table).head(search.confirm_top)
-    return [{"max_lr": float(row["max_lr"]), "peak_epoch": int(row["peak_epoch"]),
-             "seed": seed + extra, "confirms": row["trial_id"]}
-            for _, row in top.iterrows() for extra in range(1, search.confirm_seeds + 1)]
+    return tuple(ConfirmPoint(max_lr=float(row["max_lr"]), peak_epoch=int(row["peak_epoch"]),
+                              seed=seed + extra, confirms=row["trial_id"])
+                 for _, row in top.iterrows() for extra in range(1, search.confirm_seeds + 1))
 
 
 class OptunaCopy(tune.Callback):
@@ -245,7 +157,7 @@ def close_orphaned_optuna_trials(experiment: Folder) -> None:
         OptunaCopy(experiment).copy()
 
 
-def make_tuner(config: Config, experiment: Folder, resume: bool, trainable, estimate: float,
+def make_tuner(config: Config, experiment: Folder, resume: bool, trainable, space: SearchSpace,
                local: bool, callbacks: list[tune.Callback]) -> tune.Tuner:
     """The Tuner of a new study, or of the one in `experiment` when resuming it."""
     os.environ.setdefault(*TUNE_STATE_PERIOD)  # read by Tune's controller, in this process
@@ -256,9 +168,8 @@ def make_tuner(config: Config, experiment: Folder, resume: bool, trainable, esti
                                   resume_unfinished=True, resume_errored=True)
     if not experiment.is_local:
         callbacks = [*callbacks, OptunaCopy(experiment)]
-    space, first = search_space(config, estimate)
     searcher = StudySearch(
-        points_to_evaluate=[first], study_name=experiment.name,
+        points_to_evaluate=[first_point(config, space)], study_name=experiment.name,
         sampler=make_sampler(choose_sampler(config), config.train.seed),
         storage=optuna.storages.RDBStorage(optuna_url(experiment)), epochs=config.train.epochs,
     )
@@ -269,7 +180,7 @@ def make_tuner(config: Config, experiment: Folder, resume: bool, trainable, esti
         scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable,
-        param_space=space,
+        param_space=tune_space(space),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
             num_samples=search.num_samples, max_concurrent_trials=search.max_concurrent,
@@ -279,7 +190,7 @@ def make_tuner(config: Config, experiment: Folder, resume: bool, trainable, esti
 
 
 def make_confirm_tuner(config: Config, experiment: Folder, resume: bool, trainable,
-                       points: list[dict[str, Any]], local: bool,
+                       points: tuple[ConfirmPoint, ...], local: bool,
                        callbacks: list[tune.Callback]) -> tune.Tuner:
     """The confirmation runs (`points`: searched values, `seed`, the trial they `confirm`),
     each once, as a Tune experiment of its own in `<experiment>/confirm/`: the search's
@@ -290,7 +201,7 @@ def make_confirm_tuner(config: Config, experiment: Folder, resume: bool, trainab
                                   resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,
-        param_space={"confirm": tune.grid_search(points)},
+        param_space={"confirm": tune.grid_search([p.model_dump() for p in points])},
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE,
                                     max_concurrent_trials=config.search.max_concurrent,
                                     **_trial_processes(local)),
@@ -305,7 +216,7 @@ def _trial_processes(local: bool) -> dict[str, Any]:
         # behind in the process, so that process cannot take the next trial (Tune would
         # wait on it for ever); ending it ends the run's controller and workers too.
         reuse_actors=local,
-        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
+        trial_dirname_creator=lambda trial: trial_folder(trial.trial_id))
 
 
 def _run_config(config: Config, tune_dir: Folder, local: bool,

@@ -8,7 +8,6 @@ import contextlib
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,55 +19,33 @@ import ray.train.torch
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
 
-from analysis.experiment import METRIC, MODE, SEARCHED, TRAIN_RUNS, Folder, download
-from trainable.config import Config, from_dict, to_dict
+from study.plan import Resources
+from trainable.config import Config
 from trainable.constants import CHECKPOINT_FILE
 from trainable.device import select_runtime
+from trainable.experiment import (
+    DIVERGED,
+    EPOCH,
+    METRIC,
+    MODE,
+    SEARCHED,
+    TRAIN_RUNS,
+    Folder,
+    download,
+    train_run_name,
+)
+from trainable.logs import log_to_stderr
 from trainable.loop import train
 
-# CPUs the Tune trainable that drives a TorchTrainer holds; {"CPU": 0} is refused.
-DRIVER_CPU = 0.01
-# Ray Train's controller polls its workers every 2 s by default, and a trial waits for a poll
-# to start, to report and to end. Not 0.1 s, though faster still: a trial then once ended in
-# Tune before its last epoch's report reached Tune. Figures: docs/performance.md.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
-
-@dataclass(frozen=True)
-class Resources:
-    """What one trial asks of the cluster."""
-
-    workers: int  # Ray Train workers (DDP processes); 1 and no TorchTrainer with --local
-    cpus_per_worker: float
-    gpus_per_worker: float
-    local: bool
-
-    def worker_bundle(self) -> dict[str, float]:
-        bundle = {"CPU": self.cpus_per_worker}
-        if self.gpus_per_worker:
-            bundle["GPU"] = self.gpus_per_worker
-        return bundle
-
-    def trial_bundle(self) -> dict[str, float]:
-        """The Tune trainable's own request: the whole trial with --local, else only the
-        driver, whose workers Ray Train places."""
-        return self.worker_bundle() if self.local else {"CPU": DRIVER_CPU}
-
-    def per_trial(self) -> dict[str, float]:
-        total = {k: v * self.workers for k, v in self.worker_bundle().items()}
-        if not self.local:
-            total["CPU"] += DRIVER_CPU
-        return total
-
-
-def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
+def trial_config(base: Config, params: dict[str, Any]) -> Config:
     """The base config with this trial's searched values (checked like any config); for a
     confirmation run, its point's values and seed."""
     point = params.get("confirm", params)
     values = {k: point[k] for k in SEARCHED}
     if "seed" in point:
         values["seed"] = point["seed"]
-    return from_dict(base).replace("train", **values)
+    return base.replace("train", **values)
 
 
 def _report_to(report_fn, checkpoint_cls):
@@ -125,8 +102,9 @@ def _newest_in_trial_folder() -> tune.Checkpoint | None:
     return tune.Checkpoint(f"{folder}/{saved[-1]}", filesystem=filesystem) if saved else None
 
 
-def local_trial(params: dict[str, Any], *, base: dict[str, Any], splits_ref: list) -> None:
+def local_trial(params: dict[str, Any], *, base: Config, splits_ref: list) -> None:
     """One trial run by the loop inside the Tune trainable: one process, no TorchTrainer."""
+    log_to_stderr()
     config = trial_config(base, params)
     splits = ray.get(splits_ref[0])
     with _resume_from(_newest_in_trial_folder()) as resume_from:
@@ -179,16 +157,16 @@ class RelayCallback(UserCallback):
 def train_worker(loop_config: dict[str, Any]) -> None:
     """A Ray Train worker: the loop, with DDP from Train's helper. Given a relay (`hold`),
     it starts an epoch only once Tune has asked for it."""
-    config = from_dict(loop_config["config"])
+    log_to_stderr()
+    config = loop_config["config"]
     splits = ray.get(loop_config["splits_ref"])
     relay = loop_config["hold"]
     send = _report_to(ray.train.report, ray.train.Checkpoint)
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         send(metrics, checkpoint_dir)
-        if relay is not None and not metrics["diverged"] and \
-                metrics["epoch"] < config.train.epochs:
-            ray.get(relay.wait_to_start.remote(metrics["epoch"] + 1))
+        if relay is not None and not metrics[DIVERGED] and metrics[EPOCH] < config.train.epochs:
+            ray.get(relay.wait_to_start.remote(metrics[EPOCH] + 1))
 
     with _resume_from(ray.train.get_checkpoint()) as resume_from:
         train(config, splits, report, resume_from=resume_from,
@@ -196,7 +174,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
               prepare_model=partial(ray.train.torch.prepare_model, move_to_device=False))
 
 
-def torch_trial(params: dict[str, Any], *, base: dict[str, Any], splits_ref: list,
+def torch_trial(params: dict[str, Any], *, base: Config, splits_ref: list,
                 resources: Resources, train_storage: str) -> None:
     """One trial as a Ray Train run, whose epochs reach Tune through an `EpochRelay`.
     Re-running it under the same run name resumes from the run's newest checkpoint.
@@ -208,13 +186,13 @@ def torch_trial(params: dict[str, Any], *, base: dict[str, Any], splits_ref: lis
     relay = EpochRelay.remote()
     trainer = ray.train.torch.TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(config), "splits_ref": splits_ref[0],
+        train_loop_config={"config": config, "splits_ref": splits_ref[0],
                            "hold": relay if search.scheduler == "asha" else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=resources.gpus_per_worker > 0,
             resources_per_worker=resources.worker_bundle()),
         run_config=ray.train.RunConfig(
-            name=f"train-{tune.get_context().get_trial_id()}", storage_path=train_storage,
+            name=train_run_name(tune.get_context().get_trial_id()), storage_path=train_storage,
             callbacks=[RelayCallback(relay)],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=search.num_to_keep, checkpoint_score_attribute=METRIC,
@@ -234,12 +212,12 @@ def torch_trial(params: dict[str, Any], *, base: dict[str, Any], splits_ref: lis
     threading.Thread(target=fit, name="train-run", daemon=True).start()
     while (metrics := ray.get(relay.take.remote())) is not None:
         tune.report(metrics)  # returns when Tune asks for the next epoch; never if it stops
-        relay.allow.remote(metrics["epoch"] + 1)
+        relay.allow.remote(metrics[EPOCH] + 1)
     if failure:
         raise failure[0]
 
 
-def make_trainable(base: dict[str, Any], splits_ref: ray.ObjectRef, resources: Resources,
+def make_trainable(base: Config, splits_ref: ray.ObjectRef, resources: Resources,
                    experiment: Folder):
     """The Tune trainable; constants reach it by parameter, never through the search space.
     The data goes once into the object store (a list keeps Tune from resolving the ref)."""
@@ -257,7 +235,7 @@ class DivergenceStopper(tune.Stopper):
     Optuna would keep a NaN trial running forever)."""
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return bool(result.get("diverged"))
+        return bool(result.get(DIVERGED))
 
     def stop_all(self) -> bool:
         return False

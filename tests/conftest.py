@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from study.trial import RAY_ENV
+from study.cluster import RAY_ENV
 from trainable.config import Config, load_config
 from trainable.constants import REPO
 from trainable.synthetic import write_dataset

@@ -12,8 +12,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from analysis.experiment import RESULTS_CSV, Folder, optuna_url
 from trainable.constants import MEAN_UINT8, REPO
+from trainable.experiment import RESULTS_CSV, Folder, optuna_url
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

@@ -13,10 +13,11 @@ from PIL import Image
 from analysis.__main__ import main as analysis_main
 from analysis.explain import gradcam_maps
 from analysis.report import FIGURES, MISCLASSIFIED_JSON, SUMMARY_JSON
+from trainable.checkpoint import load_checkpoint
 from trainable.config import from_dict
 from trainable.data import eval_transform, load_splits, make_loader
 from trainable.device import select_runtime
-from trainable.loop import load_checkpoint, predict
+from trainable.loop import predict
 from trainable.model import build_model
 
 from .helpers import FINISHED_DEADLINE, results

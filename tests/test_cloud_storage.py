@@ -23,7 +23,10 @@ import pandas as pd
 import psutil
 import pytest
 
-from analysis.experiment import (
+from study.plan import check_bucket
+from study.run import main as study_main
+from trainable.constants import CHECKPOINT_FILE
+from trainable.experiment import (
     LR_FINDER_JSON,
     LR_FINDER_PNG,
     OPTUNA_DB,
@@ -32,9 +35,6 @@ from analysis.experiment import (
     STUDY_JSON,
     Folder,
 )
-from study.plan import check_bucket
-from study.run import main as study_main
-from trainable.constants import CHECKPOINT_FILE
 
 from .helpers import EPOCHS, REPO, RUN, free_port, tiny
 

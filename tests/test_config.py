@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainable.config import ConfigError, load_config, to_dict
+from trainable.config import ConfigError, dump_config, load_config
 from trainable.config import from_dict as config_from_dict
 
 from .helpers import REPO
@@ -13,7 +13,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_round_trips(path):
     config = load_config(path)
-    assert config_from_dict(to_dict(config)) == config
+    assert config_from_dict(dump_config(config)) == config
 
 
 def test_default_is_the_real_recipe():

@@ -16,11 +16,12 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import trainable.loop as loop
+from trainable.checkpoint import load_checkpoint
 from trainable.constants import CHECKPOINT_FILE, TrialStatus
 from trainable.data import DataError, ImageSet, load_splits, make_loader, train_transform
 from trainable.device import Runtime
 from trainable.device_data import DeviceBatches
-from trainable.loop import load_checkpoint, make_scheduler, steps_per_epoch, train
+from trainable.loop import make_scheduler, steps_per_epoch, train
 from trainable.model import build_model
 
 from .helpers import free_port

@@ -14,7 +14,13 @@ import torch
 
 from trainable.config import DataConfig
 from trainable.constants import MEAN_UINT8, TrialStatus
-from trainable.data import ImageSet, eval_transform, load_splits, to_uint8_images
+from trainable.data import (
+    ImageSet,
+    LoaderBatches,
+    eval_transform,
+    load_splits,
+    to_uint8_images,
+)
 from trainable.device import select_runtime
 from trainable.device_data import DeviceBatches
 from trainable.loop import make_batches, train
@@ -87,8 +93,7 @@ def test_augmentation_goes_on_the_device_by_default_only_on_a_gpu(tiny_config):
     assert [cpu.augments_on_device(v) for v in ("auto", "cpu", "gpu")] == [False, False, True]
     assert [gpu.augments_on_device(v) for v in ("auto", "cpu", "gpu")] == [True, False, True]
     splits = load_splits(tiny_config.data)
-    assert isinstance(make_batches(splits.train, tiny_config, cpu, train=True),
-                      torch.utils.data.DataLoader)
+    assert isinstance(make_batches(splits.train, tiny_config, cpu, train=True), LoaderBatches)
 
 
 def test_training_with_device_augmentation_and_the_switches(tiny_config):
@@ -103,7 +108,7 @@ def test_training_with_device_augmentation_and_the_switches(tiny_config):
 @pytest.mark.timeout(600)
 def test_benchmark_runs_and_writes_its_keys(ray_address, tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([RUN[0], str(REPO / "study" / "bench.py"), "--device", "cpu",
+    run = subprocess.run([RUN[0], str(REPO / "tools" / "bench.py"), "--device", "cpu",
                           "--images", "32", "--batch-size", "16", "--trials", "1",
                           "--repeats", "2", "--out", str(out), "--address", ray_address],
                          capture_output=True, text=True, timeout=300, cwd=REPO)

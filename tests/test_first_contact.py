@@ -4,7 +4,6 @@ resume command it prints: tests/test_reliability.py, which interrupts a study's 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -13,11 +12,12 @@ import time
 import pandas as pd
 import pytest
 
-from analysis.experiment import RESULTS_CSV, STUDY_JSON
 from study.cluster import dashboard_line
-from study.cost import Estimate, describe
+from study.cost import describe
 from study.run import main as study_main
 from trainable.data import load_splits
+from trainable.experiment import RESULTS_CSV, STUDY_JSON
+from trainable.record import Estimate
 
 from .helpers import FINISHED_DEADLINE, RUN, free_port, offline_env, tiny
 
@@ -69,9 +69,9 @@ def test_a_long_study_without_a_gpu_says_so_and_names_smaller_runs(smoke_config)
     assert said[-1].startswith("warning: this study will take about 20 h 3 min here, without a "
                                "GPU; it runs as asked")
     assert "configs/smoke.yaml" in said[-1] and "data.limit_train" in said[-1]
-    assert not describe(dataclasses.replace(long, device="cuda:0"), smoke_config,
+    assert not describe(long.model_copy(update={"device": "cuda:0"}), smoke_config,
                         splits)[-1].startswith("warning")
-    assert not describe(dataclasses.replace(long, study_s=1800.0), smoke_config,
+    assert not describe(long.model_copy(update={"study_s": 1800.0}), smoke_config,
                         splits)[-1].startswith("warning")
 
 

@@ -12,14 +12,10 @@ import torch
 
 from study.trial import restore_candidates
 from trainable.__main__ import main as trainable_main
+from trainable.checkpoint import load_checkpoint
 from trainable.constants import CHECKPOINT_FILE, TrialStatus
 from trainable.data import load_splits
-from trainable.loop import (
-    load_checkpoint,
-    make_optimizer,
-    make_scheduler,
-    train,
-)
+from trainable.loop import make_optimizer, make_scheduler, train
 from trainable.model import build_model
 
 from .helpers import REPO
@@ -106,7 +102,7 @@ def test_resuming_reaches_the_same_weights_as_an_uninterrupted_run(tiny_config, 
     assert not torch.equal(fresh.model.head.weight, whole.model.head.weight)
 
 
-def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path, capsys):
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path, caplog):
     splits = load_splits(tiny_config.data)
     kept = {}
 
@@ -121,7 +117,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_pa
     epochs = []
     resumed = train(tiny_config, splits, lambda m, _: epochs.append(m["epoch"]),
                     resume_from=restore_candidates(kept[2]))
-    err = capsys.readouterr().err
+    err = caplog.text
     assert f"checkpoint {kept[2]} is unreadable" in err
     assert f"continuing from the older checkpoint {kept[1]} (epoch 1)" in err
     assert epochs == [2, 3]
@@ -134,9 +130,10 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_pa
     torch.save(foreign, tmp_path / "checkpoint_000000" / CHECKPOINT_FILE)
     torch.save({"model": {"head.weight": torch.zeros(3)}}, kept[1] / CHECKPOINT_FILE)
     epochs.clear()
+    caplog.clear()
     train(tiny_config, splits, lambda m, _: epochs.append(m["epoch"]),
           resume_from=restore_candidates(kept[2]))
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "not a checkpoint of this loop" in err and "restarts at epoch 1" in err
     assert f"checkpoint {tmp_path / 'checkpoint_000000'} is another run's" in err
     assert epochs == [1, 2, 3]

@@ -12,11 +12,12 @@ import urllib.request
 
 import pytest
 
-from analysis.experiment import LR_FINDER_JSON, STUDY_JSON, TRAIN_RUNS
+from trainable.checkpoint import load_checkpoint
 from trainable.config import load_config
 from trainable.constants import TrialStatus
 from trainable.data import load_splits
-from trainable.loop import load_checkpoint, steps_per_epoch, train
+from trainable.experiment import LR_FINDER_JSON, STUDY_JSON, TRAIN_RUNS
+from trainable.loop import steps_per_epoch, train
 
 from .helpers import REPO, RUN, assert_optuna_told_what_tune_saw, reports, results, trial_epochs
 

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import study.driver
 import study.run
-from trainable.config import Config, ConfigError, from_dict, load_config, to_dict
+from trainable.config import Config, ConfigError, dump_config, from_dict, load_config
 
 from .helpers import REPO
 
@@ -53,7 +54,7 @@ def test_any_overrides_give_a_valid_config_or_one_line_error(changes):
         assert str(err) and "\n" not in str(err)
         return
     event("accepted")
-    assert from_dict(to_dict(config)) == config  # what is accepted is also saved faithfully
+    assert from_dict(dump_config(config)) == config  # what is accepted is also saved faithfully
     t = config.train
     assert 1 <= t.peak_epoch <= t.epochs and t.batch_size >= 1
     assert math.isfinite(t.max_lr) and t.max_lr > 0
@@ -93,7 +94,7 @@ def storage_root():
 def test_any_command_line_starts_a_valid_study_or_is_refused_in_one_line(
         argv, synthetic_dir, storage_root, monkeypatch, capsys, offline):
     started = []
-    monkeypatch.setattr(study.run, "run", lambda args, plan, splits: started.append(plan) or 0)
+    monkeypatch.setattr(study.driver, "run", lambda plan, splits: started.append(plan) or 0)
     storage = storage_root / "runs"
     base = ["--config", str(SMOKE), "--data-dir", str(synthetic_dir), "--storage", str(storage)]
     try:
@@ -108,6 +109,6 @@ def test_any_command_line_starts_a_valid_study_or_is_refused_in_one_line(
         assert not started
     else:
         (plan,) = started
-        assert plan.config == from_dict(to_dict(plan.config))
+        assert plan.config == from_dict(dump_config(plan.config))
         assert plan.experiment.parent.path == str(storage)
     assert not storage.exists()  # nothing is written before the study starts

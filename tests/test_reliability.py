@@ -19,7 +19,9 @@ import optuna
 import psutil
 import pytest
 
-from analysis.experiment import (
+from analysis.report import SUMMARY_JSON
+from trainable.checkpoint import load_checkpoint
+from trainable.experiment import (
     CONFIRM_DIR,
     LR_FINDER_JSON,
     REPORT_DIR,
@@ -27,8 +29,6 @@ from analysis.experiment import (
     Folder,
     optuna_url,
 )
-from analysis.report import SUMMARY_JSON
-from trainable.loop import load_checkpoint
 
 from .helpers import (
     REPO,

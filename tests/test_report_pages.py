@@ -13,16 +13,18 @@ import pytest
 from PIL import Image
 
 from analysis import figures
-from analysis.experiment import Role
 from analysis.html import write_index
 from analysis.report import FIGURES
 from analysis.results import COLUMNS
 from analysis.trust import edge_check, seed_spread
+from trainable.experiment import Role
+from trainable.record import SearchSpace
 
 EPOCHS = 3
-SPACE = {"max_lr": {"distribution": "log-uniform", "estimate_times": [0.5, 2.0],
-                    "range": [0.005, 0.02]},
-         "peak_epoch": {"distribution": "integer uniform", "range": [1, 2]}}  # study.json's
+SPACE = SearchSpace.model_validate(  # as study.json holds it
+    {"max_lr": {"distribution": "log-uniform", "estimate_times": [0.5, 2.0],
+                "range": [0.005, 0.02]},
+     "peak_epoch": {"distribution": "integer uniform", "range": [1, 2]}})
 
 
 def _table() -> pd.DataFrame:

@@ -13,16 +13,12 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from study import lr_grid, simulate
-from study.search import (
-    SamplerChoice,
-    StudySearch,
-    choose_sampler,
-    describe_sampler,
-    make_sampler,
-)
+from study.search import StudySearch, make_sampler
+from study.space import choose_sampler, describe_sampler
+from tools import lr_grid, simulate
 from trainable.config import load_config
 from trainable.constants import DEFAULT_CONFIG, EXIT_BAD_INPUT, REPO
+from trainable.record import Sampler
 
 ESTIMATE = 0.01
 
@@ -87,7 +83,7 @@ def test_tpe_as_ray_builds_it_is_random_search_for_its_first_10_trials(table_pat
 def test_the_simulator_gives_the_same_figures_twice_with_the_same_seed(table_path):
     argv = ["--table", str(table_path), "--budget", "4", "8", "--repeats", "6",
             "--samplers", "random", "tpe", "qmc", "--seed", "3"]
-    run = [sys.executable, str(REPO / "study" / "simulate.py"), *argv]
+    run = [sys.executable, str(REPO / "tools" / "simulate.py"), *argv]
     first, second = (subprocess.run(run, capture_output=True, text=True, check=True).stdout
                      for _ in range(2))
     assert first == second
@@ -163,7 +159,7 @@ def test_the_grid_writes_a_table_the_simulator_replays(synthetic_dir, tmp_path):
     """The real lr_grid command on tiny data: one row per run and epoch, then simulated."""
     out = tmp_path / "grid.csv"
     run = subprocess.run(
-        [sys.executable, str(REPO / "study" / "lr_grid.py"), "--data-dir", str(synthetic_dir),
+        [sys.executable, str(REPO / "tools" / "lr_grid.py"), "--data-dir", str(synthetic_dir),
          "--config", str(REPO / "configs" / "smoke.yaml"), "--out", str(out),
          "--set", "data.limit_train=32", "--set", "data.val_size=16",
          "--set", "train.batch_size=16", "--set", "train.epochs=2",
@@ -180,7 +176,7 @@ def test_the_grid_writes_a_table_the_simulator_replays(synthetic_dir, tmp_path):
     assert estimate.max() == pytest.approx(estimate.min(), rel=1e-4)
     assert table["val_acc"].between(0, 1).all()
     assert "| multiple | peak 1 | peak 2 |" in run.stdout
-    again = subprocess.run([sys.executable, str(REPO / "study" / "lr_grid.py"), "--data-dir",
+    again = subprocess.run([sys.executable, str(REPO / "tools" / "lr_grid.py"), "--data-dir",
                             str(synthetic_dir), "--out", str(out)], capture_output=True,
                            text=True)
     assert again.returncode == EXIT_BAD_INPUT and "exists" in again.stderr
@@ -225,11 +221,11 @@ def test_a_trial_a_scheduler_stopped_is_pruned_with_its_epochs():
 
 def test_the_sampler_follows_the_budget_unless_set():
     config = load_config(DEFAULT_CONFIG, [])
-    assert choose_sampler(config).describe() == {"name": "gp", "startup_trials": 2}
+    assert choose_sampler(config) == Sampler(name="gp", startup_trials=2)
     assert choose_sampler(config.replace("search", sampler="tpe", num_samples=32)) \
         .startup_trials == 8
-    assert choose_sampler(config.replace("search", sampler="random")).describe() == {
-        "name": "random", "startup_trials": 8}
+    assert choose_sampler(config.replace("search", sampler="random")) == Sampler(
+        name="random", startup_trials=8)
     fixed = config.replace("search", sampler="tpe", startup_trials=5, num_samples=32)
     assert choose_sampler(fixed).startup_trials == 5
     assert isinstance(make_sampler(choose_sampler(config.replace("search", sampler="gp")), 0),
@@ -238,12 +234,15 @@ def test_the_sampler_follows_the_budget_unless_set():
 
 def test_the_study_says_when_its_search_is_random_search():
     """Ray's default TPE at the default budget: its 10 startup trials cover all 8."""
-    assert "cover all 8: this is random search;" in describe_sampler(SamplerChoice("tpe", 10), 8)
-    assert describe_sampler(SamplerChoice("tpe", 2), 8).startswith(
+    def tpe(startup: int) -> Sampler:
+        return Sampler(name="tpe", startup_trials=startup)
+
+    assert "cover all 8: this is random search;" in describe_sampler(tpe(10), 8)
+    assert describe_sampler(tpe(2), 8).startswith(
         "search: Optuna's TPE over 8 trials: the first point and random draws until 2 have "
         "finished, then its model; at this budget the search is as good as random")
-    assert "as good as random" not in describe_sampler(SamplerChoice("tpe", 16), 64)
-    assert "as good as random" not in describe_sampler(SamplerChoice("gp", 2), 8)
+    assert "as good as random" not in describe_sampler(tpe(16), 64)
+    assert "as good as random" not in describe_sampler(Sampler(name="gp", startup_trials=2), 8)
 
 
 # --- the measured table (docs/search-range.md): what the defaults rest on ------------------

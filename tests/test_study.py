@@ -11,7 +11,13 @@ import optuna
 import pandas as pd
 import pytest
 
-from analysis.experiment import (
+from analysis.results import Trial, best_trial, trial_table
+from study.plan import BadInput, bind, print_plan, resolve
+from study.run import main as study_main
+from study.run import parse_args
+from study.trial import DivergenceStopper
+from trainable.constants import TrialStatus
+from trainable.experiment import (
     LR_FINDER_JSON,
     LR_FINDER_PNG,
     METRIC,
@@ -21,12 +27,6 @@ from analysis.experiment import (
     Role,
     optuna_url,
 )
-from analysis.results import Trial, best_trial, trial_table
-from study.plan import BadInput, print_plan, resolve, trial_resources, trials_at_once
-from study.run import main as study_main
-from study.run import parse_args
-from study.trial import DivergenceStopper
-from trainable.constants import TrialStatus
 
 from .helpers import EPOCHS, FINISHED_DEADLINE, reports, results, tiny
 
@@ -190,9 +190,9 @@ def test_gpus_requested_on_a_cluster_without_any(synthetic_dir, tmp_path, capsys
     import ray
 
     no_gpu = {"CPU": 2.0, "GPU": 0.0}
-    args = parse_args(tiny(synthetic_dir, "--gpus-per-trial", "0.5", "--address", "x:1"))
+    plan = resolve(parse_args(tiny(synthetic_dir, "--gpus-per-trial", "0.5", "--address", "x:1")))
     with pytest.raises(BadInput, match=r"--gpus-per-trial=0.5: the cluster has no GPU"):
-        trial_resources(args, no_gpu)  # a cluster's, as ray.cluster_resources() gives it
+        bind(plan, no_gpu)  # a cluster's, as ray.cluster_resources() gives it
     # This machine's, before Ray starts: one line, nothing written.
     monkeypatch.setattr("study.run.this_machine", lambda: no_gpu)
     code = study_main(tiny(synthetic_dir, "--storage", str(tmp_path), "--gpus-per-trial", "0.5"))
@@ -204,13 +204,11 @@ def test_gpus_requested_on_a_cluster_without_any(synthetic_dir, tmp_path, capsys
 
 def test_dry_run_plan_says_workers_batches_resources_and_trials_at_once(synthetic_dir,
                                                                         tmp_path, capsys):
-    args = parse_args(tiny(synthetic_dir, "--storage", str(tmp_path), "--name", "plan",
-                           "--dry-run", "--num-samples", "5", "--workers-per-trial", "2",
-                           "--cpus-per-worker", "0.25", "--set", "search.max_concurrent=8"))
-    plan = resolve(args)
-    cluster = {"CPU": 2.0, "GPU": 0.0}
-    resources = trial_resources(args, cluster)
-    print_plan(plan, resources, trials_at_once(resources, cluster, 8), {})
+    request = parse_args(tiny(synthetic_dir, "--storage", str(tmp_path), "--name", "plan",
+                              "--dry-run", "--num-samples", "5", "--workers-per-trial", "2",
+                              "--cpus-per-worker", "0.25", "--set", "search.max_concurrent=8"))
+    plan = resolve(request)
+    print_plan(plan, bind(plan, {"CPU": 2.0, "GPU": 0.0}), {})
     plan = json.loads(capsys.readouterr().out)
     assert plan["trials"] == 5 and plan["path"] == "TorchTrainer"
     assert plan["workers_per_trial"] == 2 and plan["batch_size_per_worker"] == 8

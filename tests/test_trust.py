@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 
 from analysis.trust import edge_check, seed_spread
+from trainable.record import PeakEpochRange, SearchSpace
 
-SPACE = {"max_lr": {"distribution": "log-uniform", "estimate_times": [1.0, 8.0],
-                    "range": [0.01, 0.08]},
-         "peak_epoch": {"distribution": "integer uniform", "range": [2, 5]}}
+SPACE = SearchSpace.model_validate(  # as study.json holds it
+    {"max_lr": {"distribution": "log-uniform", "estimate_times": [1.0, 8.0],
+                "range": [0.01, 0.08]},
+     "peak_epoch": {"distribution": "integer uniform", "range": [2, 5]}})
 
 
 @pytest.mark.parametrize(("max_lr", "peak_epoch", "settings"), [
@@ -30,7 +32,7 @@ def test_the_edge_check_names_the_setting_to_widen(max_lr, peak_epoch, settings)
 
 
 def test_a_peak_at_a_range_end_no_range_could_pass_is_not_warned_about():
-    space = {**SPACE, "peak_epoch": {"range": [1, 10]}}
+    space = SPACE.model_copy(update={"peak_epoch": PeakEpochRange(range=(1, 10))})
     for peak in (1, 10):
         check = edge_check(pd.Series({"max_lr": 0.028, "peak_epoch": peak}), space, epochs=10)
         assert not check["at_edge"] and check["peak_epoch"] == peak

@@ -14,13 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from trainable.config import ConfigError, load_config, to_dict
+from trainable.config import ConfigError, dump_config, load_config
 from trainable.constants import DEFAULT_CONFIG, EXIT_BAD_INPUT, EXIT_DIVERGED, TrialStatus
-from trainable.data import DataError, load_splits
-from trainable.device import select_runtime
-from trainable.loop import evaluate, make_batches, steps_per_epoch, train
+from trainable.errors import DataError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,9 +42,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.save is not None and not args.save.parent.is_dir():
             raise ConfigError(f"{args.save.parent}: directory for --save does not exist")
         config = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # Only now torch and the data stack (seconds to import): a typo is refused at once.
+    import torch
+
+    from trainable.data import load_splits
+    from trainable.device import select_runtime
+    from trainable.loop import evaluate, make_batches, steps_per_epoch, train
+
+    try:
         splits = load_splits(config.data)
         steps_per_epoch(config, len(splits.train.labels))  # at least one full batch
-    except (ConfigError, DataError) as err:
+    except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.save is not None:
             torch.save(outcome.model.state_dict(), args.save)
     result.update(selected_on="test" if splits.val_is_test else "val",
-                  config=to_dict(config))
+                  config=dump_config(config))
     print(json.dumps(result))
     return EXIT_DIVERGED if outcome.status == TrialStatus.DIVERGED else 0
 

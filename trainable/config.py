@@ -20,10 +20,7 @@ from pydantic import BeforeValidator, Field, Strict
 from pydantic.dataclasses import dataclass
 
 from trainable.constants import MODEL_NAMES, RESNET18
-
-
-class ConfigError(ValueError):
-    """A configuration value (or the YAML holding it) that cannot be used; one line."""
+from trainable.errors import ConfigError
 
 
 def _number(value: Any) -> Any:
@@ -158,7 +155,7 @@ class Config:
 
     def replace(self, section: str, **values: Any) -> Config:
         """A copy with some fields of one section changed, validated again."""
-        return from_dict(set_dotted(to_dict(self),
+        return from_dict(set_dotted(dump_config(self),
                                     {f"{section}.{k}": v for k, v in values.items()}))
 
 
@@ -166,17 +163,11 @@ _SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 _VALIDATOR = pydantic.TypeAdapter(Config)
 
 
-def to_dict(config: Config) -> dict[str, Any]:
-    """Plain dict (lists, not tuples) that YAML and JSON can hold and `from_dict` reads back."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(config))))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
+def dump_config(config: Config) -> dict[str, Any]:
+    """The config as pydantic dumps it for JSON (lists, not tuples): what study.json and a
+    checkpoint hold, and what `from_dict` reads back. Only where it is written down: a config
+    travels as itself (Ray pickles it)."""
+    return _VALIDATOR.dump_python(config, mode="json")
 
 
 def _one_line(error: dict[str, Any]) -> str:

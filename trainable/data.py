@@ -13,8 +13,10 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import albumentations as A
 import cv2
@@ -35,12 +37,9 @@ from trainable.constants import (
     TEST_BATCH,
     TRAIN_BATCHES,
 )
+from trainable.errors import DataError, first_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the path and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -262,8 +261,7 @@ def download(directory: Path) -> None:
         else:
             for child in directory.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-        said = str(err).splitlines()[0][:200] if str(err) else ""
-        raise _not_downloaded(directory, f"{type(err).__name__}: {said}".rstrip(": ")) from None
+        raise _not_downloaded(directory, f"{type(err).__name__}: {first_line(err)}") from None
 
 
 # --- augmentation and loaders ----------------------------------------------------------------
@@ -344,6 +342,33 @@ def seed_epoch(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> No
         loader.sampler.set_epoch(seed)  # shuffles by the sampler's seed + this "epoch"
     loader.generator.manual_seed(seed)
     loader.dataset.transform.set_random_seed(seed)
+
+
+class Batches(Protocol):
+    """A source of (images, labels) batches: `seed(epoch)` fixes that epoch's order and
+    augmentations (so a resumed run replays them), then iterate it."""
+
+    def seed(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+
+class LoaderBatches:
+    """`make_loader`'s DataLoader as a batch source."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, run_seed: int):
+        self.loader, self.run_seed = loader, run_seed
+
+    def seed(self, epoch: int) -> None:
+        seed_epoch(self.loader, self.run_seed, epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def to_uint8_images(batch: torch.Tensor) -> np.ndarray:

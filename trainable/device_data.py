@@ -15,7 +15,7 @@ import torch
 
 from trainable.config import DataConfig
 from trainable.constants import IMAGE_SIZE, MEAN, STD
-from trainable.data import ImageSet
+from trainable.data import ImageSet, epoch_seed
 
 
 class DeviceBatches:
@@ -25,7 +25,8 @@ class DeviceBatches:
     so that `world` workers at `batch_size` take the steps of one worker at world x batch."""
 
     def __init__(self, images: ImageSet, cfg: DataConfig, batch_size: int,
-                 device: torch.device, train: bool, rank: int = 0, world: int = 1):
+                 device: torch.device, train: bool, rank: int = 0, world: int = 1,
+                 run_seed: int = 0):
         self.images = torch.from_numpy(images.images).to(device).permute(0, 3, 1, 2)
         self.images = self.images.contiguous()  # (N, 3, 32, 32) uint8
         self.labels = torch.from_numpy(images.labels).to(device)
@@ -37,9 +38,10 @@ class DeviceBatches:
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
         self.rank, self.world = rank, world
+        self.run_seed = run_seed
 
-    def seed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
+    def seed(self, epoch: int) -> None:
+        self.generator.manual_seed(epoch_seed(self.run_seed, epoch))
 
     def __len__(self) -> int:
         if self.train:

@@ -6,14 +6,10 @@ the caller decides what to do with both (print them, hand them to Ray Tune, keep
 
 from __future__ import annotations
 
-import contextlib
 import math
-import pickle
 import random
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,28 +21,26 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from trainable.config import Config, to_dict
-from trainable.constants import CHECKPOINT_FILE, TrialStatus
+from trainable.checkpoint import readable_checkpoint, restore, saved_checkpoint
+from trainable.config import Config
+from trainable.constants import TrialStatus
 from trainable.data import (
+    Batches,
     DataError,
     ImageSet,
+    LoaderBatches,
     Splits,
-    epoch_seed,
     eval_transform,
     make_loader,
-    seed_epoch,
     train_transform,
 )
 from trainable.device import Runtime, select_runtime
 from trainable.device_data import DeviceBatches
+from trainable.experiment import DIVERGED, EPOCH, METRIC
 from trainable.model import build_model
 
 Report = Callable[[dict[str, Any], str | None], None]
 Wrap = Callable[[Any], Any]
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint made by a run with another config, which cannot continue this one."""
 
 
 @dataclass
@@ -103,8 +97,7 @@ def steps_per_epoch(config: Config, train_images: int) -> int:
     return steps
 
 
-def make_batches(images: ImageSet, config: Config, runtime: Runtime,
-                 train: bool) -> torch.utils.data.DataLoader | DeviceBatches:
+def make_batches(images: ImageSet, config: Config, runtime: Runtime, train: bool) -> Batches:
     """Training batches (shuffled, augmented; this worker's shard, at its share of the global
     batch) or evaluation batches (in order, normalised): from DataLoader processes running
     albumentations, or made on the device (`data.augment_on`, see
@@ -116,10 +109,12 @@ def make_batches(images: ImageSet, config: Config, runtime: Runtime,
                          f"over {world} workers")
     batch_size = config.train.batch_size // world
     if runtime.augments_on_device(cfg.augment_on):
-        return DeviceBatches(images, cfg, batch_size, runtime.device, train, rank, world)
+        return DeviceBatches(images, cfg, batch_size, runtime.device, train, rank, world,
+                             run_seed=config.train.seed)
     transform = train_transform(cfg) if train else eval_transform()
-    return make_loader(images, transform, batch_size, runtime.loader_workers(cfg.num_workers),
-                       shuffle=train, rank=rank, world=world)
+    loader = make_loader(images, transform, batch_size, runtime.loader_workers(cfg.num_workers),
+                         shuffle=train, rank=rank, world=world)
+    return LoaderBatches(loader, run_seed=config.train.seed)
 
 
 def shard(images: ImageSet, rank: int, world: int) -> ImageSet:
@@ -160,18 +155,6 @@ def evaluate(model: nn.Module, loader, runtime: Runtime,
     return {"loss": loss_sum / count, "acc": correct / count}
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [np.random.get_state()[1].tolist(), *np.random.get_state()[2:]]}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    keys, *rest = state["numpy"]
-    np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), *rest))
-
-
 def _any_worker(flag: bool, device: torch.device) -> bool:
     """True on every worker when `flag` is true on any: all must stop in the same epoch."""
     if not dist.is_initialized():
@@ -179,59 +162,6 @@ def _any_worker(flag: bool, device: torch.device) -> bool:
     tensor = torch.tensor(float(flag), device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
-
-
-def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """A checkpoint's contents, read with `weights_only=True` (tensors and plain data only)."""
-    return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu",
-                      weights_only=True)
-
-
-# What a damaged checkpoint raises on load: a truncated zip, a bad pickle, a missing file.
-UNREADABLE = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError)
-STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "config", "history")
-
-
-def _fits(state: Any, module: nn.Module) -> str | None:
-    """Why `state` cannot continue a run of `module`, or None when it can."""
-    if (not isinstance(state, dict) or any(key not in state for key in STATE_KEYS)
-            or not isinstance(state["model"], dict)):
-        return "not a checkpoint of this loop"
-    expected = {k: v.shape for k, v in module.state_dict().items()}
-    found = {k: getattr(v, "shape", None) for k, v in state["model"].items()}
-    return None if found == expected else "weights of another model"
-
-
-def readable_checkpoint(candidates: Sequence[str | Path], config: Config,
-                        module: nn.Module) -> dict[str, Any] | None:
-    """The first readable checkpoint of `candidates` (checkpoint directories, newest first),
-    or None (start at epoch 1) when none is; each one skipped is named on stderr. The first
-    candidate made with another config is an error."""
-    candidates = [Path(c) for c in candidates]
-    for candidate in candidates:
-        try:
-            state = load_checkpoint(candidate)
-            problem = _fits(state, module)
-        except UNREADABLE as error:
-            problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        if problem is not None:
-            print(f"onecycle: checkpoint {candidate} is unreadable ({problem}); skipped",
-                  file=sys.stderr)
-            continue
-        if state["config"] != to_dict(config):
-            if candidate == candidates[0]:
-                raise CheckpointMismatch(f"{candidate}: checkpoint was made with another config")
-            # Beside a copy in a temporary folder may lie other runs' checkpoints.
-            print(f"onecycle: checkpoint {candidate} is another run's; skipped", file=sys.stderr)
-            continue
-        if candidate != candidates[0]:
-            print(f"onecycle: continuing from the older checkpoint {candidate} "
-                  f"(epoch {state['epoch']})", file=sys.stderr)
-        return state
-    if candidates:
-        print(f"onecycle: no readable checkpoint from {candidates[0]} back; the run restarts "
-              "at epoch 1", file=sys.stderr)
-    return None
 
 
 def _seed(seed: int) -> None:
@@ -251,15 +181,12 @@ class EpochTraining:
     lr: float  # the LR of the epoch's last step
 
 
-def train_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
+def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, runtime: Runtime,
                  config: Config, epoch: int, progress: bool) -> EpochTraining:
     """One pass over this worker's training batches, an optimizer and a scheduler step each."""
     t = config.train
-    if isinstance(batches, DeviceBatches):
-        batches.seed(epoch_seed(t.seed, epoch))
-    else:
-        seed_epoch(batches, t.seed, epoch)
+    batches.seed(epoch)
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
@@ -292,21 +219,6 @@ def _share_rank0_buffers(module: nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
-@contextlib.contextmanager
-def _saved_checkpoint(module: nn.Module, optimizer: torch.optim.Optimizer,
-                      scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int,
-                      config: Config, history: list[dict[str, Any]]) -> Iterator[str]:
-    """A temporary checkpoint directory of the run after `epoch`, removed after the block
-    (the caller's `report` copies what it keeps)."""
-    with tempfile.TemporaryDirectory(prefix="onecycle-ckpt-") as checkpoint_dir:
-        torch.save({
-            "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
-            "config": to_dict(config), "history": history,
-        }, Path(checkpoint_dir) / CHECKPOINT_FILE)
-        yield checkpoint_dir
-
-
 def train(config: Config, splits: Splits, report: Report | None = None, *,
           resume_from: Sequence[str | Path] = (), runtime: Runtime | None = None,
           progress: bool = False, prepare_model: Wrap | None = None) -> Outcome:
@@ -335,11 +247,7 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
 
     state = readable_checkpoint(resume_from, config, module)
     if state is not None:
-        module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        history = list(state["history"])
+        history = restore(state, module, optimizer, scheduler)
         first_epoch = state["epoch"] + 1
     model = module if prepare_model is None else prepare_model(module)
     if t.compile:
@@ -347,7 +255,7 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
 
     def diverge(epoch: int) -> Outcome:
         # A finite val_acc, never NaN: searchers and schedulers must still rank the trial.
-        metrics = {"epoch": epoch, "diverged": True, "val_acc": 0.0,
+        metrics = {EPOCH: epoch, DIVERGED: True, METRIC: 0.0,
                    "lr": scheduler.get_last_lr()[0]}
         if report is not None:
             report(metrics, None)
@@ -364,18 +272,18 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
         if not math.isfinite(val["loss"]):  # the weights overflowed in the last steps
             return diverge(epoch)
         metrics = {
-            "epoch": epoch,
+            EPOCH: epoch,
             "train_loss": trained.loss,
             "train_acc": trained.acc,
             "val_loss": val["loss"],
-            "val_acc": val["acc"],
-            "best_val_acc": max([val["acc"]] + [m["val_acc"] for m in history]),
+            METRIC: val["acc"],
+            "best_val_acc": max([val["acc"]] + [m[METRIC] for m in history]),
             "lr": trained.lr,  # of this epoch's last step: max_lr at the end of peak_epoch
             "epoch_s": trained.seconds,  # seconds of training, without validation
             "images_per_s": world * trained.images / trained.seconds,  # all workers, equal shards
             "steps": len(train_batches),  # optimizer steps this epoch, for any number of workers
             "workers": world,
-            "diverged": False,
+            DIVERGED: False,
         }
         history.append(metrics)
         if report is None:
@@ -383,7 +291,7 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
         if rank != 0:
             report(metrics, None)
             continue
-        with _saved_checkpoint(module, optimizer, scheduler, epoch, config,
+        with saved_checkpoint(module, optimizer, scheduler, epoch, config,
                                history) as checkpoint_dir:
             report(metrics, checkpoint_dir)
     return Outcome(TrialStatus.COMPLETED, module, history)

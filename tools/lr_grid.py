@@ -2,7 +2,7 @@
 multiples of the LR range test's estimate x peak epochs x seeds. No Ray: the plain loop, one
 run at a time. `study/simulate.py` replays a study's search on the table.
 
-    python study/lr_grid.py --data-dir DIR --out table.csv [--config C] [--set k=v ...] \
+    python tools/lr_grid.py --data-dir DIR --out table.csv [--config C] [--set k=v ...] \
         [--multiples 0.25 0.5 1 2 4 8 16] [--peak-epochs 1 2] [--seeds 0 1]
 
 The range test runs first, on the training split at `train.batch_size`. Then one run per
@@ -34,7 +34,7 @@ TABLE_COLUMNS = ("multiple", "max_lr", "peak_epoch", "seed", "epoch", "val_acc")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python study/lr_grid.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python tools/lr_grid.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--data-dir", required=True)

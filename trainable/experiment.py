@@ -1,6 +1,11 @@
-"""An experiment directory `<storage>/<name>/` as the study writes it and the analysis reads
-it: its file names, what the study maximises, and the folder it lives in, on local disk or in
-a bucket, with how a file is written there whole."""
+"""The experiment's contract: the folder `<storage>/<name>/` as the study writes it and the
+analysis reads it. Its file and folder names (a trial's and a Train run's built and parsed by
+one pair of functions each), the metric the study maximises, a trial's role, and `Folder`, on
+local disk or in a bucket, with how a file is written there whole.
+
+It sits at the bottom of the import order, beside the loop that names the metric: `study`
+(which writes) and `analysis` (which reads) both import it, and it imports neither.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow
 import pyarrow.fs
+
+from trainable.errors import first_line
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 LR_FINDER_JSON = "lr_finder.json"  # the range test: suggested_lr, lrs, losses, settings
 LR_FINDER_PNG = "lr_finder.png"  # its curve, the estimate marked
@@ -29,7 +40,47 @@ REPORT_DIR = "report"  # what `python -m analysis` writes
 TUNE_STATE = "experiment_state-*.json"  # Tune's saved state, in each Tune experiment's folder
 
 METRIC, MODE = "val_acc", "max"  # what the study maximises, and which checkpoints it keeps
+EPOCH = "epoch"  # the metric that counts epochs: ASHA's time, every figure's x axis
+DIVERGED = "diverged"  # the flag of the report where a loss went non-finite
 SEARCHED = ("max_lr", "peak_epoch")  # TrainConfig fields the search sets per trial
+TRIAL_PREFIX = "trial_"  # a Tune trial's folder: trial_<trial id>
+TRAIN_RUN_PREFIX = "train-"  # a trial's Ray Train run, under TRAIN_RUNS: train-<trial id>
+
+
+def trial_folder(trial_id: str) -> str:
+    return f"{TRIAL_PREFIX}{trial_id}"
+
+
+def trial_id_of_folder(path: str) -> str:
+    """The trial id of a trial folder's path or name (`trial_folder`'s inverse)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if not name.startswith(TRIAL_PREFIX):
+        raise ValueError(f"{path}: not a trial folder ({TRIAL_PREFIX}<id>)")
+    return name.removeprefix(TRIAL_PREFIX)
+
+
+def train_run_name(trial_id: str) -> str:
+    return f"{TRAIN_RUN_PREFIX}{trial_id}"
+
+
+def trial_id_of_train_run(name: str) -> str:
+    """The trial id of a Train run's name (`train_run_name`'s inverse)."""
+    if not name.startswith(TRAIN_RUN_PREFIX):
+        raise ValueError(f"{name}: not a Train run name ({TRAIN_RUN_PREFIX}<id>)")
+    return name.removeprefix(TRAIN_RUN_PREFIX)
+
+
+def one_per_epoch(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-epoch reports in epoch order, one per epoch: of an epoch reported twice (a resumed
+    trial runs it again) the later report."""
+    return frame.drop_duplicates(EPOCH, keep="last").sort_values(EPOCH).reset_index(drop=True)
+
+
+def without_diverged(frame: pd.DataFrame) -> pd.DataFrame:
+    """The reports of epochs that trained: the one flagged diverged dropped."""
+    if DIVERGED not in frame:
+        return frame
+    return frame[~frame[DIVERGED].fillna(False).astype(bool)]
 
 
 class Role(StrEnum):
@@ -55,10 +106,6 @@ def written_whole(path: Path) -> Iterator[Path]:
 
 class StorageError(ValueError):
     """A storage location that cannot be used, said in one line."""
-
-
-def first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Replay a study's search on a measured table of learning curves, in seconds, with no training:
 how close does each sampler's pick come to the table's best config, at each budget?
 
-    python study/simulate.py --table docs/tables/cpu-1500x4.csv --budget 8 16 32 \
+    python tools/simulate.py --table docs/tables/cpu-1500x4.csv --budget 8 16 32 \
         --repeats 200 [--samplers random tpe:10 tpe gp qmc] [--config C] [--set k=v ...]
 
 The table is what `study/lr_grid.py` writes (TABLE_COLUMNS: one row per run and epoch). Each
@@ -40,14 +40,15 @@ import pandas as pd
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from analysis.experiment import METRIC, MODE
-from study.lr_grid import TABLE_COLUMNS
-from study.search import SamplerChoice, fitted_startup_trials, make_sampler, search_space
+from study.search import make_sampler, tune_space
+from study.space import first_point, fitted_startup_trials, search_space
+from tools.lr_grid import TABLE_COLUMNS
 from trainable.config import SAMPLERS, Config, ConfigError, load_config
 from trainable.constants import DEFAULT_CONFIG, EXIT_BAD_INPUT
+from trainable.experiment import METRIC, MODE
+from trainable.record import MODEL_FREE, Sampler
 
 SAMPLER_NAMES = tuple(n for n in typing.get_args(SAMPLERS) if n != "auto")
-MODEL_FREE = ("random", "qmc")  # every trial a draw of its own: no startup count
 DEFAULT_SAMPLERS = ["random", "tpe:10", "tpe", "gp", "qmc"]  # tpe:10 is Ray's default TPE
 
 
@@ -110,11 +111,12 @@ def read_table(path: Path) -> Table:
     return Table(curves, estimate)
 
 
-def sampler_choice(spec: str, budget: int) -> SamplerChoice:
+def sampler_choice(spec: str, budget: int) -> Sampler:
     name, _, startup = spec.partition(":")
     if name in MODEL_FREE:
-        return SamplerChoice(name, budget)
-    return SamplerChoice(name, int(startup) if startup else fitted_startup_trials(name, budget))
+        return Sampler(name=name, startup_trials=budget)
+    return Sampler(name=name, startup_trials=int(startup) if startup
+                   else fitted_startup_trials(name, budget))
 
 
 def budget_free(spec: str) -> bool:
@@ -126,12 +128,13 @@ def budget_free(spec: str) -> bool:
                                       for b in (1, 8, 1000)}) == 1
 
 
-def simulate(table: Table, config: Config, choice: SamplerChoice, budgets: list[int],
+def simulate(table: Table, config: Config, choice: Sampler, budgets: list[int],
              seed: int) -> list[tuple[float, int]]:
     """One study of max(`budgets`) trials on the table; the grid point it would pick after
     each budget's trials had been asked (and run)."""
-    space, first = search_space(config, table.estimate)
-    distributions = OptunaSearch.convert_search_space(space)
+    space = search_space(config, table.estimate)
+    first = first_point(config, space)
+    distributions = OptunaSearch.convert_search_space(tune_space(space))
     study = optuna.create_study(direction="maximize", sampler=make_sampler(choice, seed))
     study.enqueue_trial(first)
     seeds = np.random.default_rng(seed)
@@ -278,7 +281,7 @@ def markdown(rows: list[dict[str, float]]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python study/simulate.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python tools/simulate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", type=Path, required=True)
     p.add_argument("--budget", type=int, nargs="+", default=[8, 16, 32], help="trials")

@@ -1,6 +1,6 @@
 """Measure what a study's speed is made of, on this machine, side by side in one run.
 
-    python study/bench.py [--device cpu|cuda] [--out bench.json] [--images N] [--batch-size B]
+    python tools/bench.py [--device cpu|cuda] [--out bench.json] [--images N] [--batch-size B]
                           [--repeats R] [--trials T]
 
 - training images/s (steady state: the last of --epochs epochs) of the plain loop called
@@ -20,7 +20,7 @@
 Prints a table and writes JSON. It measures; it asserts nothing.
 
 The GPU acceptance run, every GPU figure in one JSON (docs/performance.md):
-    python study/bench.py --device cuda --data-dir data/cifar10 --images 45000 \
+    python tools/bench.py --device cuda --data-dir data/cifar10 --images 45000 \
         --batch-size 512 --out gpu.json
 """
 
@@ -42,19 +42,21 @@ import ray.train.torch
 import torch
 from ray import tune
 
-from analysis.experiment import Folder
-from study.trial import DRIVER_CPU, RAY_ENV, Resources, make_trainable, train_worker
-from trainable.config import Config, load_config, to_dict
+from study.cluster import start_ray
+from study.plan import DRIVER_CPU, Resources
+from study.trial import make_trainable, train_worker
+from trainable.config import Config, load_config
 from trainable.constants import DEFAULT_CONFIG, REPO
 from trainable.data import ImageSet, Splits, load_splits, make_loader, train_transform
 from trainable.device import Runtime, select_runtime
 from trainable.device_data import DeviceBatches
+from trainable.experiment import Folder
 from trainable.loop import train
 from trainable.synthetic import write_dataset
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python study/bench.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python tools/bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
@@ -100,7 +102,7 @@ def ray_images_per_s(config: Config, splits_ref: ray.ObjectRef, cpus: int, use_g
                      storage: Path) -> float:
     """The same loop as one TorchTrainer worker holding the CPUs the direct run had."""
     trainer = ray.train.torch.TorchTrainer(
-        train_worker, train_loop_config={"config": to_dict(config), "splits_ref": splits_ref,
+        train_worker, train_loop_config={"config": config, "splits_ref": splits_ref,
                                          "hold": None},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus}),
@@ -137,7 +139,7 @@ def trial_overhead_s(config: Config, splits_ref: ray.ObjectRef, local: bool, use
     experiment.mkdir()
     clock = TrialClock()
     tuner = tune.Tuner(
-        make_trainable(to_dict(one_epoch), splits_ref, resources, Folder.at(experiment)),
+        make_trainable(one_epoch, splits_ref, resources, Folder.at(experiment)),
         param_space={"max_lr": one_epoch.train.max_lr, "peak_epoch": 1},
         tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1,
                                     reuse_actors=True),
@@ -204,7 +206,7 @@ def throughput_runs(config: Config, splits: Splits, args: argparse.Namespace,
     runs: dict[str, list[float]] = {"direct": [], "direct_ray_idle": [], "ray": []}
     for round_index in range(args.repeats):
         runs["direct"].append(direct_images_per_s(config, splits))
-        start_ray(args)
+        start_ray("bench", args.address)
         try:
             splits_ref = ray.put(splits)
             # Splits the Ray path's cost into what the idle cluster takes from the CPUs and
@@ -245,10 +247,6 @@ def study_run(args: argparse.Namespace, data_dir: str, gpus: float,
     return {"wall_s": wall, "trials": trials}
 
 
-def start_ray(args: argparse.Namespace) -> None:
-    ray.init(address=args.address, log_to_driver=False, runtime_env={"env_vars": RAY_ENV})
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="onecycle-bench-") as scratch:
@@ -270,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         out["ray_vs_direct_throughput_ratio"] = out["ray_images_per_s"] / \
             out["direct_images_per_s"]
 
-        start_ray(args)
+        start_ray("bench", args.address)
         try:
             splits_ref = ray.put(splits)
             overheads = {path: trial_overhead_s(config, splits_ref, path == "local", use_gpu,

@@ -1,0 +1,276 @@
+"""A study once its plan has passed every check (study/run.py): Ray started or joined, the cost
+measured, then its phases in order, each reading and adding to the one study record (study.json):
+the LR range test, the search, the confirmation runs, and the conclusion with the report.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+
+import pandas as pd
+import ray
+
+from analysis.figures import plot_lr_finder
+from analysis.report import build_report, sampler_draws, where
+from analysis.results import best_trial, write_results
+from analysis.trust import edge_check, seed_spread
+from study import cost
+from study.cluster import dashboard_line, start_ray
+from study.plan import Bound, Plan, bind, print_plan, read_record
+from study.search import (
+    close_orphaned_optuna_trials,
+    confirmation_points,
+    make_confirm_tuner,
+    make_tuner,
+)
+from study.space import asha_warning, choose_sampler, describe_sampler, search_space
+from study.trial import make_trainable
+from trainable.config import Config
+from trainable.constants import ENDED, EXIT_INTERRUPTED, REPO
+from trainable.data import Splits, load_splits
+from trainable.experiment import LR_FINDER_JSON, LR_FINDER_PNG, Role
+from trainable.loop import steps_per_epoch
+from trainable.lr_range import range_test
+from trainable.record import Confirmation, Estimate, Seeds, StudyRecord
+
+
+@dataclass
+class Study:
+    """A running study, as its phases share it: the plan bound to the cluster, the data (in
+    Ray's object store too), the cost estimate, the Tune trainable, and the record so far."""
+
+    plan: Plan
+    bound: Bound
+    splits: Splits
+    splits_ref: ray.ObjectRef
+    estimate: Estimate
+    record: StudyRecord
+
+    @property
+    def config(self) -> Config:
+        return self.bound.config
+
+    def save(self, **changes) -> None:
+        """The record with `changes`, written to study.json."""
+        self.record = self.record.model_copy(update=changes)
+        self.record.write(self.plan.experiment)
+
+
+def load_data(plan: Plan) -> Splits:
+    """The study's data, checked: at least one full batch to train on."""
+    splits = load_splits(plan.config.data)
+    steps_per_epoch(plan.config, len(splits.train.labels))
+    return splits
+
+
+def package_versions() -> dict[str, str]:
+    names = ("torch", "torchvision", "ray", "optuna", "albumentations", "torch-lr-finder",
+             "grad-cam", "numpy", "onecycle-study")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def new_record(bound: Bound, splits: Splits, estimate: Estimate, wall_s: float) -> StudyRecord:
+    """What study.json records before the range test: enough to know how the study was run."""
+    config, resources = bound.config, bound.resources
+    return StudyRecord(
+        config=config,
+        seeds=Seeds(train=config.train.seed, split=config.data.split_seed,
+                    search=config.train.seed),
+        versions=package_versions(), git_commit=git_commit(),
+        path="local" if resources.local else "TorchTrainer",
+        sampler=choose_sampler(config), workers_per_trial=resources.workers,
+        resources_per_trial=resources.per_trial(),
+        selected_on="test" if splits.val_is_test else "val",
+        cost_estimate=estimate, wall_s=wall_s)
+
+
+def open_experiment(plan: Plan, bound: Bound, splits: Splits, estimate: Estimate) -> StudyRecord:
+    """study.json of a new experiment, written in a fresh folder, or of the one resumed, with
+    the wall time its earlier runs took."""
+    experiment = plan.experiment
+    earlier_s = 0.0
+    if plan.resume:
+        earlier_s = read_record(experiment).wall_s
+    else:
+        if experiment.exists():  # --overwrite, checked in resolve()
+            experiment.remove()
+        shutil.rmtree(experiment.cache(), ignore_errors=True)  # an earlier study's, if any
+        experiment.make()
+    record = new_record(bound, splits, estimate, earlier_s)
+    record.write(experiment)
+    return record
+
+
+# Here, not in study.trial: every trial process imports that module, and torch-lr-finder
+# brings matplotlib, slow to import (docs/performance.md).
+@ray.remote
+def remote_range_test(config: Config, splits_ref: list) -> dict:
+    """The LR range test as a Ray task with one trial worker's resources (so on a GPU node
+    whenever the trials are)."""
+    return range_test(config, ray.get(splits_ref[0]))
+
+
+def run_range_test(study: Study) -> None:
+    """The range test's estimate and the space around it, into the record; from a previous
+    run of this experiment when there is one."""
+    experiment = study.plan.experiment
+    if experiment.is_file(LR_FINDER_JSON):
+        found = json.loads(experiment.read_text(LR_FINDER_JSON))
+    else:
+        bundle = study.bound.resources.worker_bundle()
+        print("LR range test ...", flush=True)
+        found = ray.get(remote_range_test.options(
+            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+        ).remote(study.config, [study.splits_ref]))
+        with experiment.written(LR_FINDER_PNG) as partial:
+            plot_lr_finder(found["lrs"], found["losses"], found["suggested_lr"], partial)
+        experiment.write_text(LR_FINDER_JSON, json.dumps(found, indent=2))
+    estimate = found["suggested_lr"]
+    print(f"LR range test estimate: {estimate:.4g}", flush=True)
+    study.save(estimate=estimate, search_space=search_space(study.config, estimate))
+
+
+def all_ended(table: pd.DataFrame, role: Role, expected: int) -> bool:
+    """Whether all `expected` trials of this role are in the table, each ended."""
+    rows = table[table["role"] == role]
+    return len(rows) == expected and bool(rows["status"].isin(ENDED).all())
+
+
+def run_search(study: Study, trainable) -> tuple[pd.DataFrame, bool]:
+    """The search's trials: the table of them, and whether they all ended."""
+    config, plan = study.config, study.plan
+    print(describe_sampler(study.record.sampler, config.search.num_samples), flush=True)
+    if (warning := asha_warning(config)) is not None:
+        print(f"warning: {warning}", flush=True)
+    search = config.search
+    time_left = cost.TimeLeft(study.estimate, search.num_samples,
+                              later=search.confirm_top * search.confirm_seeds)
+    make_tuner(config, plan.experiment, plan.resume, trainable, study.record.search_space,
+               study.bound.resources.local, [time_left]).fit()
+    table = write_results(plan.experiment, config)
+    finished = all_ended(table, Role.SEARCH, search.num_samples)
+    if finished:
+        close_orphaned_optuna_trials(plan.experiment)
+        study.save(sampler=sampler_draws(plan.experiment, study.record.sampler)
+                   or study.record.sampler)
+    return table, finished
+
+
+def run_confirmation(study: Study, trainable, table: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """The confirmation runs of a finished search: the table with them, and whether they all
+    ended."""
+    config, plan = study.config, study.plan
+    points = confirmation_points(table, config)
+    if not points:
+        return table, True
+    seeds = config.search.confirm_seeds
+    study.save(confirmation=Confirmation(seeds=seeds, points=points))
+    print(f"confirmation: the search's top {len({p.confirms for p in points})} configs "
+          f"again, {seeds} more seed{'s' * (seeds > 1)} each", flush=True)
+    make_confirm_tuner(config, plan.experiment, plan.resume, trainable, points,
+                       study.bound.resources.local,
+                       [cost.TimeLeft(study.estimate, len(points))]).fit()
+    table = write_results(plan.experiment, config)
+    return table, all_ended(table, Role.CONFIRM, len(points))
+
+
+def resume_command(plan: Plan) -> str:
+    """The command that continues this study, with the flags that say where it runs."""
+    launch = plan.launch
+    command = ["python", "study/run.py", "--resume", "--name", plan.experiment.name,
+               "--storage", str(plan.experiment.parent)]
+    flags = {"--address": launch.address,
+             "--workers-per-trial": launch.workers if launch.workers > 1 else None,
+             "--cpus-per-worker": launch.cpus_per_worker,
+             "--gpus-per-trial": launch.gpus_per_trial}
+    for flag, value in flags.items():
+        if value is not None:
+            command += [flag, str(value)]
+    command += ["--local"] * launch.local + ["--no-report"] * (not plan.report)
+    return shlex.join(command)
+
+
+def interrupted(plan: Plan, ended: int, total: int) -> int:
+    print(f"interrupted: {ended} of {total} trials ended. Continue with: "
+          f"{resume_command(plan)}", flush=True)
+    return EXIT_INTERRUPTED
+
+
+def conclude(study: Study, table: pd.DataFrame, finished: bool, total: int) -> int:
+    """The trials, the best, how far to trust it, and the report; or the resume command."""
+    print(table.to_string(index=False), flush=True)
+    best = best_trial(table)
+    so_far = "" if finished else " so far"
+    if best is None:
+        print(f"no trial{so_far} completed an epoch without diverging or failing", flush=True)
+    else:
+        scope = " (selected on the test set: data.val_size=0)" if study.splits.val_is_test \
+            else ""
+        print(f"best trial{so_far} {best['trial_id']}: val_acc {best['best_val_acc']:.4f}"
+              f"{scope}, max_lr {best['max_lr']:.4g}, peak_epoch {int(best['peak_epoch'])}",
+              flush=True)
+    if not finished:
+        return interrupted(study.plan, int(table["status"].isin(ENDED).sum()), total)
+    if best is not None:
+        trust = edge_check(best, study.record.search_space, study.config.train.epochs)
+        for warning in trust["warnings"]:
+            print(f"warning: {warning}", flush=True)
+        spread = seed_spread(table, best["trial_id"])
+        if spread is not None:
+            print(f"confirmation: {spread['verdict']}", flush=True)
+    if not study.plan.report or best is None:
+        return 0
+    print("\n".join(where(build_report(study.plan.experiment))), flush=True)
+    return 0
+
+
+def run(plan: Plan, splits: Splits) -> int:
+    context = start_ray(plan.experiment.name, plan.launch.address, plan.launch.dashboard_host)
+    try:
+        bound = bind(plan, ray.cluster_resources())
+        splits_ref = ray.put(splits)
+        estimate = cost.measure(bound, splits_ref, splits)
+        said = cost.describe(estimate, bound.config, splits)
+        if plan.dry_run:
+            print_plan(plan, bound, {**estimate.model_dump(), "said": said})
+            return 0
+        print("\n".join(said), flush=True)
+        print(dashboard_line(context.dashboard_url), flush=True)
+        record = open_experiment(plan, bound, splits, estimate)
+        study = Study(plan, bound, splits, splits_ref, estimate, record)
+
+        started = time.monotonic()  # the search: what the estimate's study_s covers
+        run_range_test(study)
+        trainable = make_trainable(study.config, splits_ref, bound.resources, plan.experiment)
+        table, finished = run_search(study, trainable)
+        total = study.config.search.num_samples
+        if finished:
+            table, finished = run_confirmation(study, trainable, table)
+            total += len(study.record.confirmation.points) if study.record.confirmation else 0
+        # The study's wall time (range test, search, confirmation), summed over the driver's
+        # runs when resumed.
+        study.save(wall_s=study.record.wall_s + time.monotonic() - started, finished=finished)
+    finally:
+        ray.shutdown()
+    return conclude(study, table, finished, total)

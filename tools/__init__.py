@@ -1,0 +1,1 @@
+"""Measuring tools: the benchmark, the LR grid and the search simulator (docs/)."""
