@@ -1,5 +1,6 @@
-"""What a new user meets first: the data fetched (or one line saying how to point at a copy),
-the cost said before any trial, the way into the dashboard. (Ctrl-C, its exit code and the
+"""What a new user meets first: --help and a typo answered at once, the data fetched (or one
+line saying how to point at a copy), the cost said before any trial, the way into the
+dashboard. (Ctrl-C, its exit code and the
 resume command it prints: tests/test_reliability.py, which interrupts a study's second phase.)"""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -19,7 +21,54 @@ from trainable.data import load_splits
 from trainable.experiment import RESULTS_CSV, STUDY_JSON
 from trainable.record import Estimate
 
-from .helpers import FINISHED_DEADLINE, RUN, free_port, offline_env, tiny
+from .helpers import FINISHED_DEADLINE, REPO, RUN, free_port, offline_env, tiny
+
+# Runs an entry point as `python ...` would, then says its exit code and which of the slow
+# imports it made: seconds each, so a refusal that needs neither the data nor a cluster
+# must come before them.
+HEAVY = ("torch", "ray", "optuna", "matplotlib", "pytorch_grad_cam")
+PROBE = f"""
+import json, runpy, sys
+target, *sys.argv[1:] = sys.argv[1:]
+try:
+    if target.endswith(".py"):
+        sys.argv[0] = target
+        runpy.run_path(target, run_name="__main__")
+    else:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    code = 0
+except SystemExit as exit_:
+    code = exit_.code
+print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+
+
+def _probe(target: str, *argv: str, cwd) -> dict:
+    run = subprocess.run([sys.executable, "-c", PROBE, target, *argv], capture_output=True,
+                         text=True, timeout=60, cwd=cwd)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return {**json.loads(run.stdout.strip().splitlines()[-1]), "stderr": run.stderr}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--num-samplez", "3"],  # a bad flag
+    ["--num-samples", "0"],  # a bad config value
+    ["--set", "train.epochz=3"],  # a bad --set
+    ["--set", "train.epochs"],
+    ["--workers-per-trial", "3"],  # 512 does not split over 3 workers
+    ["--resume", "--name", "nothing-here"],  # an experiment that does not exist
+], ids=["flag", "value", "set-key", "set-form", "batch-split", "resume-missing"])
+def test_a_refusal_comes_before_torch_ray_and_optuna_are_imported(argv, tmp_path):
+    said = _probe(str(REPO / "study" / "run.py"), *argv, "--storage", str(tmp_path), cwd=REPO)
+    assert said["code"] == 2 and said["heavy"] == [], said
+    assert said["stderr"].startswith("error: ") and said["stderr"].count("\n") == 1, said
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", [str(REPO / "study" / "run.py"), "trainable", "analysis"])
+def test_help_imports_none_of_the_slow_libraries(target):
+    said = _probe(target, "--help", cwd=REPO)
+    assert said["code"] == 0 and said["heavy"] == [], said
 
 
 def test_a_fresh_clone_offline_is_told_in_one_line_and_keeps_no_half_download(tmp_path):
