@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 
+from trainable.record import MODEL_FREE
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222;
        padding: 0 1rem; }
@@ -52,7 +54,7 @@ def _sampler(sampler: dict[str, Any] | None) -> str:
     if sampler is None:
         return "not recorded"
     draws = sampler["trials"]
-    if sampler["name"] in ("random", "qmc"):
+    if sampler["name"] in MODEL_FREE:
         chosen = f"{draws['startup']} drawn (no model)"
     else:
         chosen = (f"{draws['startup']} random startup draws, {draws['model']} from its model "

@@ -100,7 +100,7 @@ def _check_experiment(experiment: Folder) -> StudyRecord:
                           f"({first_line(err)})") from None
 
 
-def _history(trial: Trial, checkpoint_state: dict[str, Any]) -> pd.DataFrame:
+def _all_epochs(trial: Trial, checkpoint_state: dict[str, Any]) -> pd.DataFrame:
     """Every epoch of the trial: the checkpoint's own history (kept across resumes) joined
     with what Tune recorded (which restarts after a resume on the TorchTrainer path)."""
     frames = [pd.DataFrame(checkpoint_state["history"]), trial.history]
@@ -251,7 +251,7 @@ def _original_figures(study: Study, path: dict[str, Path]) -> list[int]:
     steps = steps_per_epoch(config, len(splits.train.labels))  # for any number of workers
     figures.plot_lr_schedule(_lr_per_step(config, steps), steps, config.train.peak_epoch,
                              path["lr_schedule"])
-    figures.plot_curves(_history(study.best, study.state), study.val_name, path["curves"])
+    figures.plot_curves(_all_epochs(study.best, study.state), study.val_name, path["curves"])
 
     evaluation = study.evaluation
     wrong = misclassified(evaluation, splits.test.labels, config.report.num_misclassified)
@@ -292,7 +292,7 @@ def _trust(study: Study) -> dict[str, Any]:
 def _summary(study: Study, importances: dict[str, float] | str, sampler: Sampler | None,
              trust: dict[str, Any], figure_files: list[str]) -> dict[str, Any]:
     splits, evaluation, classes = study.splits, study.evaluation, study.splits.classes
-    history = _history(study.best, study.state)
+    history = _all_epochs(study.best, study.state)
     return {
         "experiment": study.experiment.name,
         "selected_on": "test" if splits.val_is_test else "val",

@@ -51,7 +51,7 @@ class Trial:
     checkpoint: str | None  # the best epoch's checkpoint: its folder's path or URI
 
 
-def _history(result: ray.tune.Result) -> pd.DataFrame:
+def _reported_epochs(result: ray.tune.Result) -> pd.DataFrame:
     frame = result.metrics_dataframe
     if frame is None or EPOCH not in frame:
         return pd.DataFrame(columns=[EPOCH, METRIC])
@@ -99,7 +99,7 @@ def _load_experiment(tune_dir: Folder, experiment: Folder, config: Config,
     trials = []
     for result in tune.ResultGrid(analysis):
         trial_id = trial_id_of_folder(result.path)
-        history = _history(result)
+        history = _reported_epochs(result)
         last = history.iloc[-1] if len(history) else None
         if result.error is not None or status_of.get(trial_id) == TuneTrial.ERROR:
             status = TrialStatus.ERROR

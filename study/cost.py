@@ -23,7 +23,7 @@ from trainable.record import Estimate
 from trainable.speed import measure_speed
 
 # A trial's fixed seconds beyond its epochs (processes, Train's set-up, the model, the end),
-# per path: the slower of what study/bench.py measured on 2-core CPU machines
+# per path: the slower of what tools/bench.py measured on 2-core CPU machines
 # (docs/performance.md). Once trials have ended, the time left comes from their own times.
 TRIAL_OVERHEAD_S = {"local": 2.0, "TorchTrainer": 30.0}
 PROBES = 4  # speed probes run at once, at most

@@ -35,6 +35,7 @@ from trainable.record import ConfirmPoint, Sampler, SearchSpace
 # by default; a driver killed in between loses that much, and resumed trials redo it. A save
 # is cheap (docs/performance.md). The user's own setting wins.
 TUNE_STATE_PERIOD = ("TUNE_GLOBAL_CHECKPOINT_S", "1")
+TUNE_TRIAL_ID = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial
 
 
 def tune_space(space: SearchSpace) -> dict[str, Any]:
@@ -69,6 +70,14 @@ class StudySearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.epochs = epochs
         self.reported: dict[str, set[int]] = {}  # epochs told, per trial: each once
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        """Ray's suggestion, its Optuna trial named after the Tune trial (the user attribute
+        `TUNE_TRIAL_ID`): the sampler may suggest one point twice, so values name neither."""
+        suggested = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
+        return suggested
 
     def _report(self, trial_id: str, result: dict[str, Any]) -> None:
         told = self.reported.setdefault(trial_id, set())

@@ -12,6 +12,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from study.search import TUNE_TRIAL_ID
 from trainable.constants import MEAN_UINT8, REPO
 from trainable.experiment import RESULTS_CSV, Folder, optuna_url
 
@@ -86,7 +87,12 @@ def study(ray_address, storage, name, data_dir, *extra, timeout=300):
 
 
 def results(experiment) -> pd.DataFrame:
-    return pd.read_csv(experiment / RESULTS_CSV)
+    return read_results(experiment / RESULTS_CSV)
+
+
+def read_results(source) -> pd.DataFrame:
+    """results.csv with its ids as text: an id such as 15534e13 is no number."""
+    return pd.read_csv(source, dtype={"trial_id": str, "confirms": str})
 
 
 def reports(trial_dir) -> list[dict]:
@@ -110,11 +116,11 @@ def assert_optuna_told_what_tune_saw(experiment, table: pd.DataFrame) -> None:
     ran; a DIVERGED one COMPLETE with 0.0."""
     storage = optuna_url(Folder.at(experiment))
     (summary,) = optuna.get_all_study_summaries(storage)
-    told = {t.params["max_lr"]: t for t in
+    told = {t.user_attrs[TUNE_TRIAL_ID]: t for t in
             optuna.load_study(study_name=summary.study_name, storage=storage).trials}
     states = optuna.trial.TrialState
     for trial_id, row in table.iterrows():
-        trial = told[row["max_lr"]]
+        trial = told[trial_id]
         if row["status"] in ("STOPPED", "COMPLETED"):
             epochs = list(range(1, int(row["epochs_run"]) + 1))
             assert sorted(trial.intermediate_values) == epochs, trial_id

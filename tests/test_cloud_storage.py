@@ -19,7 +19,6 @@ from pathlib import Path
 
 import boto3
 import optuna
-import pandas as pd
 import psutil
 import pytest
 
@@ -36,7 +35,7 @@ from trainable.experiment import (
     Folder,
 )
 
-from .helpers import EPOCHS, REPO, RUN, free_port, tiny
+from .helpers import EPOCHS, REPO, RUN, free_port, read_results, tiny
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 BUCKET = "studies"
@@ -218,7 +217,7 @@ def test_a_study_in_a_bucket_resumes_after_a_driver_kill_and_is_reported_from_th
                  f"{REPORT_DIR}/index.html", f"{REPORT_DIR}/summary.json",
                  f"{REPORT_DIR}/gradcam.png"):
         assert prefix + name in keys, name
-    table = pd.read_csv(io.BytesIO(_read(s3, prefix + RESULTS_CSV)))
+    table = read_results(io.BytesIO(_read(s3, prefix + RESULTS_CSV)))
     assert len(table) == 2 and set(table["status"]) == {"COMPLETED"}
     assert (table["epochs_run"] == EPOCHS).all()
     for trial_id, checkpoint in table[["trial_id", "checkpoint"]].itertuples(index=False):

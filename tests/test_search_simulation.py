@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from study.search import StudySearch, make_sampler
+from study.search import TUNE_TRIAL_ID, StudySearch, make_sampler
 from study.space import choose_sampler, describe_sampler
 from tools import lr_grid, simulate
 from trainable.config import load_config
@@ -54,8 +54,7 @@ def table_path(tmp_path):
 
 
 def config_for(table):
-    args = simulate.parse_args(["--table", "unused"])
-    return simulate.study_config(args, table)
+    return simulate.study_config(str(DEFAULT_CONFIG), [], table)
 
 
 def test_a_study_of_one_trial_picks_the_first_point(table_path):
@@ -217,6 +216,9 @@ def test_a_trial_a_scheduler_stopped_is_pruned_with_its_epochs():
     assert fifo.state == states.COMPLETE and fifo.intermediate_values == dict.fromkeys(
         range(1, 5), 0.5)
     assert diverged.state == states.COMPLETE and diverged.value == 0.0  # finite, ranked last
+    # Each Optuna trial names its Tune trial: the sampler may suggest one point twice.
+    assert [t.user_attrs[TUNE_TRIAL_ID] for t in search._ot_study.trials] == [
+        "stopped", "finished", "fifo", "diverged"]
 
 
 def test_the_sampler_follows_the_budget_unless_set():

@@ -86,11 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def bench_config(args: argparse.Namespace, data_dir: str) -> Config:
+def bench_config(data_dir: str, images: int, batch_size: int, epochs: int) -> Config:
     return load_config(DEFAULT_CONFIG, [
-        f"data.dir={data_dir}", "data.val_size=64", f"data.limit_train={args.images}",
-        "data.limit_test=64", f"train.batch_size={args.batch_size}",
-        f"train.epochs={args.epochs}", "train.peak_epoch=1"])
+        f"data.dir={data_dir}", "data.val_size=64", f"data.limit_train={images}",
+        "data.limit_test=64", f"train.batch_size={batch_size}",
+        f"train.epochs={epochs}", "train.peak_epoch=1"])
 
 
 def direct_images_per_s(config: Config, splits: Splits) -> float:
@@ -197,16 +197,16 @@ def cuda_epoch_s(data_dir: str) -> dict[str, float]:
     return seconds
 
 
-def throughput_runs(config: Config, splits: Splits, args: argparse.Namespace,
-                    runtime: Runtime, storage: Path) -> dict[str, list[float]]:
-    """Training images/s of `--repeats` rounds, each: the direct loop before this process
+def throughput_runs(config: Config, splits: Splits, runtime: Runtime, storage: Path,
+                    repeats: int, address: str | None) -> dict[str, list[float]]:
+    """Training images/s of `repeats` rounds, each: the direct loop before this process
     starts Ray (with --address the cluster runs throughout), then the direct loop beside the
     idle Ray and the loop in a one-worker TorchTrainer holding the same CPUs. Rounds
     interleave, so that a slow spell of the machine falls on every path alike."""
     runs: dict[str, list[float]] = {"direct": [], "direct_ray_idle": [], "ray": []}
-    for round_index in range(args.repeats):
+    for round_index in range(repeats):
         runs["direct"].append(direct_images_per_s(config, splits))
-        start_ray("bench", args.address)
+        start_ray("bench", address)
         try:
             splits_ref = ray.put(splits)
             # Splits the Ray path's cost into what the idle cluster takes from the CPUs and
@@ -214,28 +214,28 @@ def throughput_runs(config: Config, splits: Splits, args: argparse.Namespace,
             runs["direct_ray_idle"].append(direct_images_per_s(config, splits))
             cpus = min(int(ray.cluster_resources().get("CPU", 1)), runtime.cpus)
             runs["ray"].append(ray_images_per_s(
-                config, splits_ref, cpus, args.device == "cuda",
+                config, splits_ref, cpus, runtime.device.type == "cuda",
                 storage / f"throughput-{round_index}"))
         finally:
             ray.shutdown()
     return runs
 
 
-def study_run(args: argparse.Namespace, data_dir: str, gpus: float,
-              storage: Path) -> dict[str, Any]:
-    """A 2-trial x 2-epoch study as a user runs it: its wall time, and per trial the last
-    epoch's training images/s and seconds."""
+def study_run(config: Config, gpus: float, storage: Path, address: str | None,
+              synthetic: bool) -> dict[str, Any]:
+    """A 2-trial x 2-epoch study of `config`'s data, images and batch as a user runs it: its
+    wall time, and per trial the last epoch's training images/s and seconds."""
     name = f"study-{gpus:g}-gpus"
-    command = [sys.executable, str(REPO / "study" / "run.py"), "--data-dir", data_dir,
+    command = [sys.executable, str(REPO / "study" / "run.py"), "--data-dir", config.data.dir,
                "--num-samples", "2", "--set", "train.epochs=2", "--set", "train.peak_epoch=1",
-               "--set",
-               f"data.limit_train={args.images}", "--set", f"train.batch_size={args.batch_size}",
+               "--set", f"data.limit_train={config.data.limit_train}",
+               "--set", f"train.batch_size={config.train.batch_size}",
                "--set", "search.max_concurrent=2", "--gpus-per-trial", f"{gpus:g}",
                "--storage", str(storage), "--name", name, "--no-report"]
-    if not args.data_dir:  # the synthetic stand-in holds --images + 64 training images
+    if synthetic:  # the stand-in holds --images + 64 training images
         command += ["--set", "data.val_size=64", "--set", "data.limit_test=64"]
-    if args.address:
-        command += ["--address", args.address]
+    if address:
+        command += ["--address", address]
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
@@ -253,14 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         scratch_dir = Path(scratch)
         data_dir = args.data_dir or str(write_dataset(
             scratch_dir / "data", train=args.images + 64, test=64).parent)
-        config = bench_config(args, data_dir)
+        config = bench_config(data_dir, args.images, args.batch_size, args.epochs)
         splits = load_splits(config.data)
         runtime = select_runtime(args.device)
         use_gpu = args.device == "cuda"
         out: dict[str, Any] = {"device": str(runtime.device), "cpus": runtime.cpus,
                                "images": args.images, "batch_size": args.batch_size,
                                "repeats": args.repeats}
-        runs = throughput_runs(config, splits, args, runtime, scratch_dir)
+        runs = throughput_runs(config, splits, runtime, scratch_dir, args.repeats, args.address)
         for path, rates in runs.items():
             out[f"{path}_images_per_s"] = statistics.median(rates)
             out[f"{path}_images_per_s_each"] = rates
@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                                          for k, v in out["augment_images_per_s"].items()}
         if use_gpu:
             out["epoch_s"] = cuda_epoch_s(data_dir)
-        out["study"] = {f"{gpus:g}_gpus_per_trial": study_run(args, data_dir, gpus, scratch_dir)
+        out["study"] = {f"{gpus:g}_gpus_per_trial": study_run(config, gpus, scratch_dir,
+                                                             args.address, not args.data_dir)
                         for gpus in args.study_gpus}
     args.out.write_text(json.dumps(out, indent=2))
     print_table(out)

@@ -1,6 +1,6 @@
 """A table of this problem: learning curves (val_acc after every epoch) over a grid of max_lr
 multiples of the LR range test's estimate x peak epochs x seeds. No Ray: the plain loop, one
-run at a time. `study/simulate.py` replays a study's search on the table.
+run at a time. `tools/simulate.py` replays a study's search on the table.
 
     python tools/lr_grid.py --data-dir DIR --out table.csv [--config C] [--set k=v ...] \
         [--multiples 0.25 0.5 1 2 4 8 16] [--peak-epochs 1 2] [--seeds 0 1]
@@ -27,10 +27,11 @@ from trainable.config import ConfigError, load_config
 from trainable.constants import DEFAULT_CONFIG, EXIT_BAD_INPUT, TrialStatus
 from trainable.data import load_splits
 from trainable.device import select_runtime
+from trainable.experiment import EPOCH, METRIC
 from trainable.loop import train
 from trainable.lr_range import range_test
 
-TABLE_COLUMNS = ("multiple", "max_lr", "peak_epoch", "seed", "epoch", "val_acc")
+TABLE_COLUMNS = ("multiple", "max_lr", "peak_epoch", "seed", EPOCH, METRIC)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def curve(history: list[dict], epochs: int) -> list[float]:
     """val_acc after each of `epochs` epochs; 0.0 for any epoch after a run diverged."""
-    scores = [0.0 if not (m["val_acc"] == m["val_acc"]) else float(m["val_acc"])
+    scores = [0.0 if not (m[METRIC] == m[METRIC]) else float(m[METRIC])
               for m in history]  # NaN != NaN
     return scores + [0.0] * (epochs - len(scores))
 
@@ -59,11 +60,11 @@ def curve(history: list[dict], epochs: int) -> list[float]:
 def summary(rows: list[dict]) -> str:
     """Markdown: final val_acc's mean over seeds, one row per multiple, one column per peak
     epoch; the best cell in bold."""
-    last = max(r["epoch"] for r in rows)
+    last = max(r[EPOCH] for r in rows)
     finals: dict[tuple[float, int], list[float]] = {}
     for r in rows:
-        if r["epoch"] == last:
-            finals.setdefault((r["multiple"], r["peak_epoch"]), []).append(r["val_acc"])
+        if r[EPOCH] == last:
+            finals.setdefault((r["multiple"], r["peak_epoch"]), []).append(r[METRIC])
     means = {k: statistics.mean(v) for k, v in finals.items()}
     best = max(means, key=means.get)
     peaks = sorted({p for _, p in means})
@@ -113,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                     scores = curve(outcome.history, run.train.epochs)
                     for epoch, val_acc in enumerate(scores, start=1):
                         row = {"multiple": multiple, "max_lr": round(run.train.max_lr, 6),
-                               "peak_epoch": peak, "seed": seed, "epoch": epoch,
-                               "val_acc": round(val_acc, 4)}
+                               "peak_epoch": peak, "seed": seed, EPOCH: epoch,
+                               METRIC: round(val_acc, 4)}
                         writer.writerow(row)
                         rows.append(row)
                     out.flush()

@@ -4,7 +4,7 @@ how close does each sampler's pick come to the table's best config, at each budg
     python tools/simulate.py --table docs/tables/cpu-1500x4.csv --budget 8 16 32 \
         --repeats 200 [--samplers random tpe:10 tpe gp qmc] [--config C] [--set k=v ...]
 
-The table is what `study/lr_grid.py` writes (TABLE_COLUMNS: one row per run and epoch). Each
+The table is what `tools/lr_grid.py` writes (TABLE_COLUMNS: one row per run and epoch). Each
 simulated study is the study's own search: its space around the estimate (the table's
 max_lr / multiple), its first point, its sampler (`make_sampler`) asked through Optuna's
 ask/tell, `search.max_concurrent` trials in flight. A suggestion is mapped to the nearest grid
@@ -45,7 +45,7 @@ from study.space import first_point, fitted_startup_trials, search_space
 from tools.lr_grid import TABLE_COLUMNS
 from trainable.config import SAMPLERS, Config, ConfigError, load_config
 from trainable.constants import DEFAULT_CONFIG, EXIT_BAD_INPUT
-from trainable.experiment import METRIC, MODE
+from trainable.experiment import EPOCH, METRIC, MODE
 from trainable.record import MODEL_FREE, Sampler
 
 SAMPLER_NAMES = tuple(n for n in typing.get_args(SAMPLERS) if n != "auto")
@@ -97,15 +97,15 @@ def read_table(path: Path) -> Table:
         raise TableError(f"the table {path} has no rows or empty cells")
     if (frame["multiple"] <= 0).any() or (frame["max_lr"] <= 0).any():
         raise TableError(f"the table {path} has a multiple or max_lr that is not positive")
-    epochs = list(range(1, int(frame["epoch"].max()) + 1))
+    epochs = list(range(1, int(frame[EPOCH].max()) + 1))
     curves: dict[tuple[float, int], np.ndarray] = {}
     for (multiple, peak), point in frame.groupby(["multiple", "peak_epoch"]):
         runs = []
         for seed, run in point.groupby("seed"):
-            if sorted(run["epoch"]) != epochs:
+            if sorted(run[EPOCH]) != epochs:
                 raise TableError(f"the table {path}: multiple {multiple:g}, peak epoch {peak}, "
                                  f"seed {seed} lacks some of epochs 1-{epochs[-1]}")
-            runs.append(run.sort_values("epoch")["val_acc"].to_numpy(float))
+            runs.append(run.sort_values(EPOCH)[METRIC].to_numpy(float))
         curves[(float(multiple), int(peak))] = np.stack(runs)
     estimate = float((frame["max_lr"] / frame["multiple"]).median())
     return Table(curves, estimate)
@@ -233,7 +233,7 @@ def asha_study(table: Table, config: Config, grace_period: int, budget: int,
         point = points[rng.integers(len(points))]
         runs = table.curves[point]
         trials.append((_Run(str(index)), point, runs[rng.integers(len(runs))]))
-    scheduler = ASHAScheduler(time_attr="epoch", metric=METRIC, mode=MODE,
+    scheduler = ASHAScheduler(time_attr=EPOCH, metric=METRIC, mode=MODE,
                               max_t=table.epochs, grace_period=grace_period)
     finished, waiting, in_flight = [], list(trials), []
     while waiting or in_flight:
@@ -243,7 +243,7 @@ def asha_study(table: Table, config: Config, grace_period: int, budget: int,
         for entry in list(in_flight):
             run, point, curve, epoch = entry
             entry[3] = epoch = epoch + 1
-            decision = scheduler.on_trial_result(None, run, {"epoch": epoch,
+            decision = scheduler.on_trial_result(None, run, {EPOCH: epoch,
                                                              METRIC: curve[epoch - 1]})
             if decision == TrialScheduler.STOP or epoch == table.epochs:
                 in_flight.remove(entry)
@@ -295,26 +295,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    if min(args.budget) < 1:
-        raise TableError(f"--budget {min(args.budget)}: a study needs at least 1 trial")
-    if args.jobs < 1:
-        raise TableError(f"--jobs {args.jobs}: at least 1")
-    if args.repeats < 1:
-        raise TableError(f"--repeats {args.repeats}: at least 1")
-    for spec in args.samplers:
+def check_counts(budgets: list[int], jobs: int, repeats: int, samplers: list[str]) -> None:
+    if min(budgets) < 1:
+        raise TableError(f"--budget {min(budgets)}: a study needs at least 1 trial")
+    if jobs < 1:
+        raise TableError(f"--jobs {jobs}: at least 1")
+    if repeats < 1:
+        raise TableError(f"--repeats {repeats}: at least 1")
+    for spec in samplers:
         name, _, startup = spec.partition(":")
         if name not in SAMPLER_NAMES or (startup and (not startup.isdigit()
                                                       or name in MODEL_FREE)):
             raise TableError(f"--samplers {spec}: expected one of random, qmc, tpe[:N], gp[:N]")
 
 
-def study_config(args: argparse.Namespace, table: Table) -> Config:
-    """The study's config at the table's budget: its epochs, and unless the config sets one,
-    a peak epoch range spanning the table's."""
+def study_config(path: str, overrides: list[str], table: Table) -> Config:
+    """The study's config (file `path`, `--set` overrides) at the table's budget: its epochs,
+    and unless the config sets one, a peak epoch range spanning the table's."""
     peaks = sorted({p for _, p in table.curves})
-    config = load_config(args.config, [*args.overrides, f"train.epochs={table.epochs}",
-                                       f"train.peak_epoch={peaks[0]}"])
+    config = load_config(path, [*overrides, f"train.epochs={table.epochs}",
+                                f"train.peak_epoch={peaks[0]}"])
     if config.search.peak_epoch_range is None and peaks[0] < peaks[-1]:
         config = config.replace("search", peak_epoch_range=(peaks[0], peaks[-1]))
     return config
@@ -323,9 +323,9 @@ def study_config(args: argparse.Namespace, table: Table) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        check_args(args)
+        check_counts(args.budget, args.jobs, args.repeats, args.samplers)
         table = read_table(args.table)
-        config = study_config(args, table)
+        config = study_config(args.config, args.overrides, table)
     except (TableError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

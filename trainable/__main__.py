@@ -17,6 +17,7 @@ from pathlib import Path
 from trainable.config import ConfigError, dump_config, load_config
 from trainable.constants import DEFAULT_CONFIG, EXIT_BAD_INPUT, EXIT_DIVERGED, TrialStatus
 from trainable.errors import DataError
+from trainable.experiment import DIVERGED
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(splits.val.labels)} {val_name}, device {runtime.device}", flush=True)
 
     def print_epoch(metrics: dict, _checkpoint_dir: str | None) -> None:
-        if metrics["diverged"]:
+        if metrics[DIVERGED]:
             print(f"epoch {metrics['epoch']:3d}  loss went non-finite: diverged", flush=True)
             return
         print(f"epoch {metrics['epoch']:3d}  train loss {metrics['train_loss']:.4f} "
