@@ -25,6 +25,14 @@ from torch import nn
 
 from analysis import figures
 from analysis.explain import TestEvaluation, evaluate_test, gradcam_maps, misclassified
+from analysis.export import (
+    CARD_FILE,
+    CONFIG_YAML,
+    MODEL_DIR,
+    export_model,
+    model_card,
+    write_config,
+)
 from analysis.html import write_index
 from analysis.results import Trial, best_trial, load_trials, trial_table
 from analysis.trust import edge_check, seed_spread
@@ -321,6 +329,16 @@ def _summary(study: Study, importances: dict[str, float] | str, sampler: Sampler
     }
 
 
+def _export(study: Study, summary: dict[str, Any], out: Path) -> None:
+    """The winner to take away (analysis/export.py)."""
+    out.mkdir()
+    splits = study.splits
+    export_model(study.state["model"], study.config.model.name, splits.classes, out)
+    write_config(study.record.config, out / CONFIG_YAML)
+    sizes = {"train": len(splits.train.labels), "val": len(splits.val.labels)}
+    (out / CARD_FILE).write_text(model_card(study.record, summary, study.experiment.name, sizes))
+
+
 def build_report(experiment: Folder | str | os.PathLike, data_dir: str | None = None) -> Folder:
     """Write `<experiment>/report/`; return it."""
     if not isinstance(experiment, Folder):
@@ -343,6 +361,7 @@ def build_report(experiment: Folder | str | os.PathLike, data_dir: str | None = 
         summary = _summary(study, importances, sampler, trust,
                            [p.name for p in out.iterdir()])
         (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
+        _export(study, summary, out / MODEL_DIR)
         write_index(out, summary, study.table,
                     {k: v for k, v in FIGURES.items() if k in summary["figures"]})
         if not experiment.is_local:

@@ -150,8 +150,9 @@ def trial_table(trials: list[Trial]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def write_results(experiment: Folder, config: Config) -> pd.DataFrame:
-    table = trial_table(load_trials(experiment, config))
+def write_results(experiment: Folder, trials: list[Trial]) -> pd.DataFrame:
+    """results.csv of `trials` (`load_trials`'), written whole; its table."""
+    table = trial_table(trials)
     with experiment.written(RESULTS_CSV) as partial:
         table.to_csv(partial, index=False)
     return table

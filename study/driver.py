@@ -5,6 +5,7 @@ the LR range test, the search, the confirmation runs, and the conclusion with th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import shutil
@@ -12,15 +13,17 @@ import subprocess
 import time
 from dataclasses import dataclass
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import ray
 
+from analysis.export import CARD_FILE, MODEL_DIR
 from analysis.figures import plot_lr_finder
-from analysis.report import build_report, sampler_draws, where
-from analysis.results import best_trial, write_results
+from analysis.report import SUMMARY_JSON, build_report, sampler_draws, where
+from analysis.results import best_trial, load_trials, write_results
 from analysis.trust import edge_check, seed_spread
-from study import cost
+from study import cost, tracking
 from study.cluster import dashboard_line, start_ray
 from study.plan import Bound, Plan, bind, print_plan, read_record
 from study.search import (
@@ -30,14 +33,25 @@ from study.search import (
     make_tuner,
 )
 from study.space import asha_warning, choose_sampler, describe_sampler, search_space
+from study.tracking import TrackTrials
 from study.trial import make_trainable
 from trainable.config import Config
 from trainable.constants import ENDED, EXIT_INTERRUPTED, REPO
 from trainable.data import Splits, load_splits
-from trainable.experiment import LR_FINDER_JSON, LR_FINDER_PNG, Role
+from trainable.experiment import (
+    LR_FINDER_JSON,
+    LR_FINDER_PNG,
+    REPORT_DIR,
+    STUDY_JSON,
+    Folder,
+    Role,
+)
 from trainable.loop import steps_per_epoch
 from trainable.lr_range import range_test
 from trainable.record import Confirmation, Estimate, Seeds, StudyRecord
+
+if TYPE_CHECKING:
+    from study.mlflow_runs import Tracker
 
 
 @dataclass
@@ -51,6 +65,7 @@ class Study:
     splits_ref: ray.ObjectRef
     estimate: Estimate
     record: StudyRecord
+    tracker: Tracker | None = None  # the study's MLflow runs, when it is tracked
 
     @property
     def config(self) -> Config:
@@ -109,15 +124,17 @@ def open_experiment(plan: Plan, bound: Bound, splits: Splits, estimate: Estimate
     """study.json of a new experiment, written in a fresh folder, or of the one resumed, with
     the wall time its earlier runs took."""
     experiment = plan.experiment
-    earlier_s = 0.0
+    earlier_s, run_id = 0.0, None
     if plan.resume:
-        earlier_s = read_record(experiment).wall_s
+        earlier = read_record(experiment)
+        earlier_s, run_id = earlier.wall_s, earlier.mlflow_run_id
     else:
         if experiment.exists():  # --overwrite, checked in resolve()
             experiment.remove()
         shutil.rmtree(experiment.cache(), ignore_errors=True)  # an earlier study's, if any
         experiment.make()
-    record = new_record(bound, splits, estimate, earlier_s)
+    record = new_record(bound, splits, estimate, earlier_s).model_copy(
+        update={"mlflow_run_id": run_id})
     record.write(experiment)
     return record
 
@@ -149,6 +166,17 @@ def run_range_test(study: Study) -> None:
     estimate = found["suggested_lr"]
     print(f"LR range test estimate: {estimate:.4g}", flush=True)
     study.save(estimate=estimate, search_space=search_space(study.config, estimate))
+    if study.tracker is not None:
+        study.tracker.log_study(study.record)
+
+
+def record_results(study: Study) -> pd.DataFrame:
+    """results.csv as the study saved it; the same trials and epochs to MLflow, when tracked."""
+    trials = load_trials(study.plan.experiment, study.config)
+    table = write_results(study.plan.experiment, trials)
+    if study.tracker is not None:
+        study.tracker.sync(trials)
+    return table
 
 
 def all_ended(table: pd.DataFrame, role: Role, expected: int) -> bool:
@@ -167,8 +195,8 @@ def run_search(study: Study, trainable) -> tuple[pd.DataFrame, bool]:
     time_left = cost.TimeLeft(study.estimate, search.num_samples,
                               later=search.confirm_top * search.confirm_seeds)
     make_tuner(config, plan.experiment, plan.resume, trainable, study.record.search_space,
-               study.bound.resources.local, [time_left]).fit()
-    table = write_results(plan.experiment, config)
+               study.bound.resources.local, [time_left, TrackTrials(Role.SEARCH)]).fit()
+    table = record_results(study)
     finished = all_ended(table, Role.SEARCH, search.num_samples)
     if finished:
         close_orphaned_optuna_trials(plan.experiment)
@@ -190,8 +218,9 @@ def run_confirmation(study: Study, trainable, table: pd.DataFrame) -> tuple[pd.D
           f"again, {seeds} more seed{'s' * (seeds > 1)} each", flush=True)
     make_confirm_tuner(config, plan.experiment, plan.resume, trainable, points,
                        study.bound.resources.local,
-                       [cost.TimeLeft(study.estimate, len(points))]).fit()
-    table = write_results(plan.experiment, config)
+                       [cost.TimeLeft(study.estimate, len(points)),
+                        TrackTrials(Role.CONFIRM)]).fit()
+    table = record_results(study)
     return table, all_ended(table, Role.CONFIRM, len(points))
 
 
@@ -208,6 +237,9 @@ def resume_command(plan: Plan) -> str:
         if value is not None:
             command += [flag, str(value)]
     command += ["--local"] * launch.local + ["--no-report"] * (not plan.report)
+    tracking = plan.tracking
+    if tracking is not None and tracking.flag and tracking.shown == tracking.uri:
+        command += ["--mlflow", tracking.uri]  # never one with credentials in it
     return shlex.join(command)
 
 
@@ -239,10 +271,26 @@ def conclude(study: Study, table: pd.DataFrame, finished: bool, total: int) -> i
         spread = seed_spread(table, best["trial_id"])
         if spread is not None:
             print(f"confirmation: {spread['verdict']}", flush=True)
-    if not study.plan.report or best is None:
-        return 0
-    print("\n".join(where(build_report(study.plan.experiment))), flush=True)
+    report = None
+    if study.plan.report and best is not None:
+        report = build_report(study.plan.experiment)
+        print("\n".join(where(report)), flush=True)
+    if study.tracker is not None:
+        finish_tracking(study, best, report)
     return 0
+
+
+def finish_tracking(study: Study, best: pd.Series | None, report: Folder | None) -> None:
+    """The study's parent run ended: the winner, the verdict, study.json and the report."""
+    experiment = study.plan.experiment
+    with contextlib.ExitStack() as stack:
+        record = stack.enter_context(experiment.local_copy(STUDY_JSON))
+        summary, folder, files = None, None, [record]
+        if report is not None:
+            folder = stack.enter_context(experiment.local_copy(REPORT_DIR))
+            summary = json.loads((folder / SUMMARY_JSON).read_text())
+            files.append(folder / MODEL_DIR / CARD_FILE)
+        study.tracker.finish(summary, None if best is None else best.to_dict(), files, folder)
 
 
 def run(plan: Plan, splits: Splits) -> int:
@@ -258,19 +306,36 @@ def run(plan: Plan, splits: Splits) -> int:
         print("\n".join(said), flush=True)
         print(dashboard_line(context.dashboard_url), flush=True)
         record = open_experiment(plan, bound, splits, estimate)
-        study = Study(plan, bound, splits, splits_ref, estimate, record)
+        study = Study(plan, bound, splits, splits_ref, estimate, record,
+                      tracker=open_tracking(plan, record))
+        if study.tracker is not None:
+            study.save(mlflow_run_id=study.tracker.parent_run_id)
 
         started = time.monotonic()  # the search: what the estimate's study_s covers
-        run_range_test(study)
-        trainable = make_trainable(study.config, splits_ref, bound.resources, plan.experiment)
-        table, finished = run_search(study, trainable)
-        total = study.config.search.num_samples
-        if finished:
-            table, finished = run_confirmation(study, trainable, table)
-            total += len(study.record.confirmation.points) if study.record.confirmation else 0
+        with tracking.active(study.tracker):
+            run_range_test(study)
+            trainable = make_trainable(study.config, splits_ref, bound.resources,
+                                       plan.experiment)
+            table, finished = run_search(study, trainable)
+            total = study.config.search.num_samples
+            if finished:
+                table, finished = run_confirmation(study, trainable, table)
+                total += len(study.record.confirmation.points) \
+                    if study.record.confirmation else 0
         # The study's wall time (range test, search, confirmation), summed over the driver's
         # runs when resumed.
         study.save(wall_s=study.record.wall_s + time.monotonic() - started, finished=finished)
     finally:
         ray.shutdown()
     return conclude(study, table, finished, total)
+
+
+def open_tracking(plan: Plan, record: StudyRecord) -> Tracker | None:
+    """The study's MLflow runs (its parent run continued on resume), when it is tracked."""
+    if plan.tracking is None:
+        return None
+    from study.mlflow_runs import open_tracker  # mlflow: only for a tracked study
+
+    print(f"MLflow: {plan.tracking.shown}, experiment {plan.experiment.name}", flush=True)
+    return open_tracker(plan.tracking.uri, plan.tracking.shown, record, plan.experiment.name,
+                        plan.config)

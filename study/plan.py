@@ -8,12 +8,15 @@ machine's GPUs): a typo is refused at once."""
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
+import urllib.parse
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,8 @@ from trainable.record import StudyRecord
 
 # CPUs the Tune trainable that drives a TorchTrainer holds; {"CPU": 0} is refused.
 DRIVER_CPU = 0.01
+MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"  # mlflow's own variable
+TRACKING_TIMEOUT_S = 5  # for the tracking server's first answer
 
 
 class BadInput(ValueError):
@@ -59,6 +64,7 @@ class Request:
     dashboard_host: str = "127.0.0.1"
     dry_run: bool = False
     no_report: bool = False
+    mlflow: str | None = None  # a tracking server; else MLFLOW_TRACKING_URI, if set
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,22 @@ class Plan:
     launch: Launch
     dry_run: bool
     report: bool  # the report at the end
+    tracking: Tracking | None  # an MLflow tracking server the study is sent to
+
+
+@dataclass(frozen=True)
+class Tracking:
+    uri: str  # as given: it may carry credentials, so it is never written down
+    flag: bool  # given by --mlflow (else by MLFLOW_TRACKING_URI)
+
+    @property
+    def shown(self) -> str:
+        """The URI without user and password: what may be printed."""
+        parts = urllib.parse.urlsplit(self.uri)
+        netloc = parts.hostname or ""
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True)
@@ -144,8 +166,42 @@ def resolve(request: Request) -> Plan:
                        f"split evenly over --workers-per-trial={launch.workers}")
     if storage.is_local:
         check_disk(Path(experiment.path), config)
+    tracking = check_tracking(request)
     return Plan(config, experiment, request.resume, launch, request.dry_run,
-                report=not request.no_report)
+                report=not request.no_report, tracking=tracking)
+
+
+def check_tracking(request: Request) -> Tracking | None:
+    """The MLflow tracking server the study goes to, refused unless mlflow is installed and
+    the server answers (its /health) now, before Ray starts."""
+    uri = request.mlflow or os.environ.get(MLFLOW_URI_ENV) or None
+    if uri is None:
+        return None
+    tracking = Tracking(uri, flag=request.mlflow is not None)
+    said = "--mlflow" if tracking.flag else MLFLOW_URI_ENV
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError as err:
+        raise BadInput(f"{said}: not a URI ({first_line(err)})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadInput(f"{said} {tracking.shown!r}: expected a tracking server's URI, "
+                       "http://host:port")
+    if importlib.util.find_spec("mlflow") is None:
+        raise BadInput(f"{said}: mlflow is not installed (pip install "
+                       "'onecycle-study[mlflow]')")
+    health = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/health",
+                                                    query="", fragment=""))
+    try:
+        with urllib.request.urlopen(health, timeout=TRACKING_TIMEOUT_S) as answer:
+            answered = answer.status == 200
+    except (OSError, ValueError) as err:
+        raise BadInput(f"{said} {tracking.shown}: the tracking server does not answer "
+                       f"({first_line(err)}); start it (mlflow server) or check the URI"
+                       ) from None
+    if not answered:
+        raise BadInput(f"{said} {tracking.shown}: not a healthy MLflow server")
+    return tracking
 
 
 def _launch(request: Request) -> Launch:
@@ -310,5 +366,6 @@ def print_plan(plan: Plan, bound: Bound, cost: dict[str, Any]) -> None:
         "path": "local (loop in the Tune trainable)" if resources.local else "TorchTrainer",
         "max_concurrent": config.search.max_concurrent,
         "trials_fitting_at_once": bound.at_once,
+        "mlflow": plan.tracking.shown if plan.tracking else None,
         "cost_estimate": cost,
     }, indent=2))

@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> Request:
                    help="interface the dashboard listens on (only when starting Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--no-report", action="store_true", help="skip the analysis at the end")
+    p.add_argument("--mlflow", metavar="URI",
+                   help="send the study to this MLflow tracking server (default: "
+                        "MLFLOW_TRACKING_URI, if set; else none)")
     flags = vars(p.parse_args(argv))
     return Request(**{**flags, "overrides": tuple(flags["overrides"])})
 

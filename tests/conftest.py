@@ -21,6 +21,8 @@ from trainable.synthetic import write_dataset
 from .helpers import free_port, offline_env, study
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# A study is tracked only where a test asks for it (tests/test_tracking.py).
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from PIL import Image
 
 from analysis.__main__ import main as analysis_main
 from analysis.explain import gradcam_maps
+from analysis.export import CARD_FILE, CLASSES_JSON, MODEL_DIR, PROGRAM_FILE, WEIGHTS_FILE
 from analysis.report import FIGURES, MISCLASSIFIED_JSON, SUMMARY_JSON
 from trainable.checkpoint import load_checkpoint
 from trainable.config import from_dict
@@ -20,7 +23,7 @@ from trainable.device import select_runtime
 from trainable.loop import predict
 from trainable.model import build_model
 
-from .helpers import FINISHED_DEADLINE, results
+from .helpers import FINISHED_DEADLINE, REPO, results
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +157,43 @@ def test_a_missing_checkpoint_leaves_no_report(finished, tmp_path, capsys):
     assert analysis_main([str(copy)]) == 2
     assert "no completed trial with a checkpoint" in capsys.readouterr().err
     assert not (copy / "report").exists()
+
+
+# Runs in a fresh interpreter (-I: no PYTHONPATH, no user site, not the current folder), outside
+# the repo: the exported program alone, then which modules of this project came with it.
+EXPORTED = """
+import json, sys, torch
+program = torch.export.load(sys.argv[1])
+images = torch.load(sys.argv[2], weights_only=True)
+logits = program.module()(images)
+torch.save(logits, sys.argv[3])
+ours = [m for m in sys.modules if m.split(".")[0] in ("trainable", "study", "analysis", "tools")]
+on_path = [p for p in sys.path if p in ("", sys.argv[4])]
+print(json.dumps({"ours": ours, "repo_on_path": on_path}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(FINISHED_DEADLINE)
+def test_the_exported_model_runs_without_this_project_and_predicts_as_it_does(best, report,
+                                                                              tmp_path):
+    summary, model, splits = best
+    model_dir = report / MODEL_DIR
+    assert set(json.loads((model_dir / CLASSES_JSON).read_text())) == set(splits.classes)
+    weights = torch.load(model_dir / WEIGHTS_FILE, weights_only=True)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    card = (model_dir / CARD_FILE).read_text()
+    assert f"trial {summary['best_trial']['trial_id']}" in card
+    assert f"test accuracy {summary['test']['accuracy']:.4f}, measured once" in card
+    images = torch.from_numpy(splits.test.images)  # uint8 (N, 32, 32, 3), as a user has them
+    torch.save(images, tmp_path / "images.pt")
+    run = subprocess.run([sys.executable, "-I", "-c", EXPORTED, str(model_dir / PROGRAM_FILE),
+                          str(tmp_path / "images.pt"), str(tmp_path / "logits.pt"), str(REPO)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout) == {"ours": [], "repo_on_path": []}
+    exported = torch.load(tmp_path / "logits.pt", weights_only=True)
+    loader = make_loader(splits.test, eval_transform(), 64, num_workers=0, shuffle=False)
+    logits, _ = predict(model, loader, select_runtime("cpu"))
+    assert torch.equal(exported.argmax(1), logits.argmax(1))
+    assert torch.allclose(exported, logits, atol=1e-4)

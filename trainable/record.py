@@ -103,6 +103,7 @@ class StudyRecord(_Record):
     search_space: SearchSpace | None = None  # with the LR range, once the range test has run
     confirmation: Confirmation | None = None
     finished: bool | None = None  # every trial ended; None while the search runs
+    mlflow_run_id: str | None = None  # the study's parent run, when it is tracked (--mlflow)
 
     def write(self, experiment: Folder) -> None:
         experiment.write_text(STUDY_JSON, self.model_dump_json(indent=2))
