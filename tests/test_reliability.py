@@ -287,33 +287,3 @@ def test_many_tiny_trials_finish_within_num_to_keep_and_flat_memory(ray_address,
     print(f"driver RSS: {early / 1e6:.0f} MB at 5-10 trials, {late / 1e6:.0f} MB at the end")
     assert late < early * 1.25
 
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_damaged_checkpoint_is_said_in_the_resumed_study_s_output(ray_address, synthetic_dir,
-                                                                     tmp_path):
-    """The driver is SIGKILLed once its one trial has checkpointed two epochs; the newer
-    checkpoint is then cut short. The resumed study's own output says what its trial did:
-    the damaged checkpoint skipped, the older one taken, and the epoch it resumed after."""
-    experiment = tmp_path / "damaged"
-    args = [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--local", "--storage",
-                        str(tmp_path), "--name", "damaged", "--num-samples", "1",
-                        "--no-report", "--set", "train.epochs=4")]
-
-    def checkpoints() -> list[Path]:
-        return sorted(experiment.glob("trial_*/checkpoint_*/checkpoint.pt"))
-
-    _kill_when(args, lambda: len(checkpoints()) >= 2, "two checkpoints")
-    newest = checkpoints()[-1]
-    newest.write_bytes(newest.read_bytes()[:4096])
-    resumed = subprocess.run([*RUN, "--address", ray_address, "--storage", str(tmp_path),
-                              "--name", "damaged", "--resume", "--local", "--no-report"],
-                             cwd=REPO, capture_output=True, text=True, timeout=400)
-    out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, out[-3000:]
-    assert f"checkpoint {newest.parent} is unreadable" in out, out[-3000:]
-    older = re.search(r"continuing from the older checkpoint \S+ \(epoch (\d)\)", out)
-    assert older is not None, out[-3000:]
-    assert f"resumed after epoch {older[1]} of 4" in out, out[-3000:]
-    (row,) = results(experiment).itertuples()
-    assert row.status == "COMPLETED" and row.epochs_run == 4
