@@ -193,7 +193,9 @@ def check_tracking(request: Request) -> Tracking | None:
     health = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/health",
                                                     query="", fragment=""))
     try:
-        with urllib.request.urlopen(health, timeout=TRACKING_TIMEOUT_S) as answer:
+        # An opener of its own: urlopen's global one keeps the proxies of its first use.
+        opener = urllib.request.build_opener()
+        with opener.open(health, timeout=TRACKING_TIMEOUT_S) as answer:
             answered = answer.status == 200
     except (OSError, ValueError) as err:
         raise BadInput(f"{said} {tracking.shown}: the tracking server does not answer "

@@ -47,7 +47,9 @@ def tracking_server(root: Path):
         deadline = time.monotonic() + SERVER_START_S
         while True:
             with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                # Not urlopen: its global opener keeps the proxies of its first use, and an
+                # earlier test's was an offline one.
+                with urllib.request.build_opener().open(f"{uri}/health", timeout=2) as answer:
                     if answer.status == 200:
                         break
             assert server.poll() is None, f"mlflow server exited: {log.read_text()[-2000:]}"
