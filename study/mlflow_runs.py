@@ -61,6 +61,7 @@ class Tracker:
         self.parent_run_id: str | None = None
         self.runs: dict[str, str] = {}  # trial id: run id
         self.logged: dict[str, set[int]] = {}  # trial id: epochs logged
+        self.ended: set[str] = set()  # trial ids whose run this driver has ended
         self.failed = False
 
     def _call(self, what: str, call: Callable[[], Any]) -> Any:
@@ -166,15 +167,16 @@ class Tracker:
             for row in without_diverged(trial.history).to_dict("records"):
                 self.epoch(trial.trial_id, point, trial.role, row)
             run_id = self._run(trial.trial_id, point, trial.role)
-            if run_id is None or trial.status not in ENDED:
-                continue
+            if run_id is None or trial.status not in ENDED or trial.trial_id in self.ended:
+                continue  # a later phase's sync ends no run twice
             self._call(f"ending trial {trial.trial_id}'s run",
-                       lambda r=run_id, t=trial: self._end(r, t.status))
+                       lambda r=run_id, t=trial: self._end(r, t.trial_id, t.status))
 
-    def _end(self, run_id: str, status: str) -> None:
+    def _end(self, run_id: str, trial_id: str, status: str) -> None:
         self.client.set_tag(run_id, STATUS_TAG, status)
         self.client.set_terminated(run_id, "FAILED" if status == TrialStatus.ERROR
                                    else "FINISHED")
+        self.ended.add(trial_id)
 
     def finish(self, summary: dict[str, Any] | None, best: dict[str, Any] | None,
                files: list[Path], report: Path | None) -> None:

@@ -63,13 +63,6 @@ def train_run_name(trial_id: str) -> str:
     return f"{TRAIN_RUN_PREFIX}{trial_id}"
 
 
-def trial_id_of_train_run(name: str) -> str:
-    """The trial id of a Train run's name (`train_run_name`'s inverse)."""
-    if not name.startswith(TRAIN_RUN_PREFIX):
-        raise ValueError(f"{name}: not a Train run name ({TRAIN_RUN_PREFIX}<id>)")
-    return name.removeprefix(TRAIN_RUN_PREFIX)
-
-
 def one_per_epoch(frame: pd.DataFrame) -> pd.DataFrame:
     """Per-epoch reports in epoch order, one per epoch: of an epoch reported twice (a resumed
     trial runs it again) the later report."""
