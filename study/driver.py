@@ -6,10 +6,13 @@ the LR range test, the search, the confirmation runs, and the conclusion with th
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,7 +28,7 @@ from analysis.results import best_trial, load_trials, write_results
 from analysis.trust import edge_check, seed_spread
 from study import cost, tracking
 from study.cluster import dashboard_line, start_ray
-from study.plan import Bound, Plan, bind, print_plan, read_record
+from study.plan import Bound, Plan, bind, print_plan, read_record, storage_note
 from study.search import (
     close_orphaned_optuna_trials,
     confirmation_points,
@@ -42,6 +45,7 @@ from trainable.experiment import (
     LR_FINDER_JSON,
     LR_FINDER_PNG,
     REPORT_DIR,
+    RESULTS_CSV,
     STUDY_JSON,
     Folder,
     Role,
@@ -124,7 +128,7 @@ def open_experiment(plan: Plan, bound: Bound, splits: Splits, estimate: Estimate
     """study.json of a new experiment, written in a fresh folder, or of the one resumed, with
     the wall time its earlier runs took."""
     experiment = plan.experiment
-    earlier_s, run_id = 0.0, None
+    earlier_s, run_id, earlier = 0.0, None, None
     if plan.resume:
         earlier = read_record(experiment)
         earlier_s, run_id = earlier.wall_s, earlier.mlflow_run_id
@@ -133,8 +137,11 @@ def open_experiment(plan: Plan, bound: Bound, splits: Splits, estimate: Estimate
             experiment.remove()
         shutil.rmtree(experiment.cache(), ignore_errors=True)  # an earlier study's, if any
         experiment.make()
+    jobs = earlier.jobs if earlier is not None else ()
+    if plan.launch.job is not None:
+        jobs = (*jobs, plan.launch.job.submission_id)
     record = new_record(bound, splits, estimate, earlier_s).model_copy(
-        update={"mlflow_run_id": run_id})
+        update={"mlflow_run_id": run_id, "jobs": jobs})
     record.write(experiment)
     return record
 
@@ -225,18 +232,12 @@ def run_confirmation(study: Study, trainable, table: pd.DataFrame) -> tuple[pd.D
 
 
 def resume_command(plan: Plan) -> str:
-    """The command that continues this study, with the flags that say where it runs."""
-    launch = plan.launch
+    """The command that continues this study: where it runs; how is in its study.json."""
     command = ["python", "study/run.py", "--resume", "--name", plan.experiment.name,
                "--storage", str(plan.experiment.parent)]
-    flags = {"--address": launch.address,
-             "--workers-per-trial": launch.workers if launch.workers > 1 else None,
-             "--cpus-per-worker": launch.cpus_per_worker,
-             "--gpus-per-trial": launch.gpus_per_trial}
-    for flag, value in flags.items():
-        if value is not None:
-            command += [flag, str(value)]
-    command += ["--local"] * launch.local + ["--no-report"] * (not plan.report)
+    if plan.launch.address is not None:
+        command += ["--address", plan.launch.address]
+    command += ["--no-report"] * (not plan.report)
     tracking = plan.tracking
     if tracking is not None and tracking.flag and tracking.shown == tracking.uri:
         command += ["--mlflow", tracking.uri]  # never one with credentials in it
@@ -244,9 +245,45 @@ def resume_command(plan: Plan) -> str:
 
 
 def interrupted(plan: Plan, ended: int, total: int) -> int:
+    again = " (as a Ray job: submit it, or this job's entrypoint with --resume-if-exists)" \
+        if plan.launch.job else ""
     print(f"interrupted: {ended} of {total} trials ended. Continue with: "
-          f"{resume_command(plan)}", flush=True)
+          f"{resume_command(plan)}{again}", flush=True)
     return EXIT_INTERRUPTED
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`ray job stop`, a pod deleted) stops the study as Ctrl-C does: whichever
+    handles SIGINT now (Tune's saves the experiment; else KeyboardInterrupt) handles it. Set
+    after ray.init, whose own handler exits at once."""
+    def as_sigint(signum, frame) -> None:
+        print("SIGTERM: stopping the study as on Ctrl-C", file=sys.stderr, flush=True)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, as_sigint)
+
+
+def said_result(plan: Plan) -> bool:
+    """For a finished study run again: its best trial and its report, said without Ray or
+    training; False when its report is still to be written."""
+    experiment = plan.experiment
+    report = experiment / REPORT_DIR
+    if not experiment.is_file(RESULTS_CSV) or (plan.report and not report.is_file("index.html")):
+        return False
+    table = pd.read_csv(io.StringIO(experiment.read_text(RESULTS_CSV)),
+                        dtype={"trial_id": str, "confirms": str})
+    print(f"{experiment}: finished earlier, {len(table)} trials; nothing to run", flush=True)
+    best = best_trial(table)
+    if best is not None:
+        print(f"best trial {best['trial_id']}: val_acc {best['best_val_acc']:.4f}, max_lr "
+              f"{best['max_lr']:.4g}, peak_epoch {int(best['peak_epoch'])}", flush=True)
+    if plan.report:
+        print("\n".join(where(report)), flush=True)
+    return True
 
 
 def conclude(study: Study, table: pd.DataFrame, finished: bool, total: int) -> int:
@@ -294,15 +331,22 @@ def finish_tracking(study: Study, best: pd.Series | None, report: Folder | None)
 
 
 def run(plan: Plan, splits: Splits) -> int:
-    context = start_ray(plan.experiment.name, plan.launch.address, plan.launch.dashboard_host)
+    context = start_ray(plan.experiment.name, plan.launch.join, plan.launch.dashboard_host)
+    stop_on_sigterm()
     try:
         bound = bind(plan, ray.cluster_resources())
+        note = storage_note(plan, sum(node["Alive"] for node in ray.nodes()))
         splits_ref = ray.put(splits)
         estimate = cost.measure(bound, splits_ref, splits)
         said = cost.describe(estimate, bound.config, splits)
         if plan.dry_run:
-            print_plan(plan, bound, {**estimate.model_dump(), "said": said})
+            print_plan(plan, bound, {**estimate.model_dump(), "said": said}, note)
             return 0
+        job = plan.launch.job
+        print(f"experiment: {plan.experiment}"
+              + (f" (Ray job {job.submission_id})" if job else ""), flush=True)
+        if note is not None:
+            print(f"warning: {note}", flush=True)
         print("\n".join(said), flush=True)
         print(dashboard_line(context.dashboard_url), flush=True)
         record = open_experiment(plan, bound, splits, estimate)

@@ -34,6 +34,10 @@ from trainable.record import StudyRecord
 
 # CPUs the Tune trainable that drives a TorchTrainer holds; {"CPU": 0} is refused.
 DRIVER_CPU = 0.01
+# Set by Ray's job supervisor for a submitted entrypoint: its runtime env and its metadata
+# (ray.dashboard.modules.job.job_supervisor); Ray itself is not imported to read it.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+JOB_ID_KEY = "job_submission_id"
 MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"  # mlflow's own variable
 TRACKING_TIMEOUT_S = 5  # for the tracking server's first answer
 
@@ -55,6 +59,7 @@ class Request:
     storage: str = "runs"
     name: str | None = None
     resume: bool = False
+    resume_if_exists: bool = False  # start the experiment, or resume it if it exists
     overwrite: bool = False
     local: bool = False
     workers_per_trial: int | None = None
@@ -68,6 +73,29 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Job:
+    """The Ray job this driver is the entrypoint of (`ray job submit`, a KubeRay RayJob)."""
+
+    submission_id: str
+    working_dir: Path | None  # Ray's unpacked copy of --working-dir (its cache), if uploaded
+
+
+def ray_job(environ: dict[str, str] | None = None) -> Job | None:
+    """The job this process runs in, from what the job supervisor set; None outside a job."""
+    raw = (os.environ if environ is None else environ).get(JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        job = json.loads(raw)
+    except ValueError:
+        return None
+    uploaded = bool((job.get("runtime_env") or {}).get("working_dir"))
+    # The supervisor starts the entrypoint in the unpacked copy.
+    return Job(str((job.get("metadata") or {}).get(JOB_ID_KEY, "unknown")),
+               Path.cwd() if uploaded else None)
+
+
+@dataclass(frozen=True)
 class Launch:
     """Where and how the trials run: what `bind` needs, and a resume must repeat."""
 
@@ -75,8 +103,15 @@ class Launch:
     workers: int  # Ray Train workers per trial
     cpus_per_worker: float | None  # None: 1 less the trial driver's share
     gpus_per_trial: float | None  # None: 1 when the cluster has GPUs and not local
-    address: str | None  # a running cluster; None: a Ray of the study's own
+    address: str | None  # --address: a running cluster; None: see `join`
     dashboard_host: str
+    job: Job | None = None  # the Ray job this driver runs in
+
+    @property
+    def join(self) -> str | None:
+        """The cluster to join: --address; in a job, the job's own ('auto' reads the
+        RAY_ADDRESS its supervisor set); else None, a Ray of the study's own."""
+        return self.address or ("auto" if self.job else None)
 
 
 @dataclass(frozen=True)
@@ -88,6 +123,7 @@ class Plan:
     dry_run: bool
     report: bool  # the report at the end
     tracking: Tracking | None  # an MLflow tracking server the study is sent to
+    finished: bool = False  # a resumed study whose every trial had ended
 
 
 @dataclass(frozen=True)
@@ -142,17 +178,25 @@ class Bound:
     at_once: int
 
 
-def resolve(request: Request) -> Plan:
-    """The config, the experiment folder and the launch, all checked; nothing written."""
-    launch = _launch(request)
-    if request.resume and request.overwrite:
-        raise BadInput("--resume and --overwrite exclude each other")
-    if request.resume and not request.name:
-        raise BadInput("--resume needs --name of the experiment to continue")
+def resolve(request: Request, job: Job | None = None) -> Plan:
+    """The config, the experiment folder and the launch, all checked; nothing written.
+    `job`: the Ray job this driver runs in (default: read from the environment)."""
+    job = job if job is not None else ray_job()
+    if request.resume and request.resume_if_exists:
+        raise BadInput("--resume and --resume-if-exists exclude each other: "
+                       "--resume-if-exists already resumes an existing experiment")
+    for flag, given in (("--resume", request.resume),
+                        ("--resume-if-exists", request.resume_if_exists)):
+        if given and request.overwrite:
+            raise BadInput(f"{flag} and --overwrite exclude each other")
+        if given and not request.name:
+            raise BadInput(f"{flag} needs --name of the experiment to continue")
     name = request.name or datetime.datetime.now(datetime.UTC).strftime("study-%Y%m%dT%H%M%SZ")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise BadInput(f"--name {name!r}: must be a plain folder name "
                        "(letters, digits, '.', '_', '-'; not starting with '.' or '-')")
+    if job is not None:
+        check_outside_copy(job, "--storage", request.storage)
     try:
         storage = Folder.at(request.storage)
     except StorageError as err:
@@ -160,15 +204,37 @@ def resolve(request: Request) -> Plan:
     if not storage.is_local:
         check_bucket(storage)
     experiment = storage / name
-    config = _config(request, experiment)
+    record = None
+    if request.resume or (request.resume_if_exists and experiment.is_file(STUDY_JSON)):
+        if not experiment.is_file(STUDY_JSON):
+            raise BadInput(f"{experiment}: no experiment to resume ({STUDY_JSON} missing)")
+        record = read_record(experiment)
+    launch = _launch(request, job, record)
+    config = _config(request, experiment, record)
+    if job is not None:
+        check_outside_copy(job, "--data-dir (data.dir)", config.data.dir)
     if config.train.batch_size % launch.workers:
         raise BadInput(f"train.batch_size={config.train.batch_size} (the global batch) does not "
                        f"split evenly over --workers-per-trial={launch.workers}")
     if storage.is_local:
         check_disk(Path(experiment.path), config)
     tracking = check_tracking(request)
-    return Plan(config, experiment, request.resume, launch, request.dry_run,
-                report=not request.no_report, tracking=tracking)
+    return Plan(config, experiment, record is not None, launch, request.dry_run,
+                report=not request.no_report, tracking=tracking,
+                finished=bool(record and record.finished))
+
+
+def check_outside_copy(job: Job, flag: str, location: str) -> None:
+    """Refuse, in a job, a folder inside Ray's copy of the working dir: a cache on the head
+    node, shared by the jobs with the same files, evicted when full and gone with the
+    session."""
+    if job.working_dir is None or "://" in location:
+        return
+    path = Path(location).resolve()
+    if path.is_relative_to(job.working_dir.resolve()):
+        raise BadInput(f"{flag} {location}: inside this Ray job's copy of its working dir "
+                       f"({job.working_dir}), Ray's cache, which loses it; give an absolute "
+                       "path on storage every node shares, or a bucket URI (s3://...)")
 
 
 def check_tracking(request: Request) -> Tracking | None:
@@ -206,22 +272,51 @@ def check_tracking(request: Request) -> Tracking | None:
     return tracking
 
 
-def _launch(request: Request) -> Launch:
+def _launch(request: Request, job: Job | None, record: StudyRecord | None) -> Launch:
+    """The launch the flags ask for; on resume, the recorded one, which a flag may repeat but
+    not contradict."""
     if request.local and request.workers_per_trial is not None:
         raise BadInput("--local runs each trial in one process: drop --workers-per-trial")
-    workers = 1 if request.workers_per_trial is None else request.workers_per_trial
-    if workers < 1:
+    workers, cpus, gpus = request.workers_per_trial, request.cpus_per_worker, \
+        request.gpus_per_trial
+    if workers is not None and workers < 1:
         raise BadInput(f"--workers-per-trial={workers}: must be at least 1")
-    cpus, gpus = request.cpus_per_worker, request.gpus_per_trial
     if cpus is not None and not 0 < cpus < math.inf:
         raise BadInput(f"--cpus-per-worker={cpus}: must be positive")
     if gpus is not None and not 0 <= gpus < math.inf:
         raise BadInput(f"--gpus-per-trial={gpus}: must be 0 or more")
-    return Launch(request.local, workers, cpus, gpus, request.address, request.dashboard_host)
+    if record is not None:
+        return recorded_launch(request, job, record)
+    return Launch(request.local, 1 if workers is None else workers, cpus, gpus,
+                  request.address, request.dashboard_host, job)
 
 
-def _config(request: Request, experiment: Folder) -> Config:
-    """A new study's config (file, flags, --set), or the resumed one's own."""
+def recorded_launch(request: Request, job: Job | None, record: StudyRecord) -> Launch:
+    """How the experiment's trials ran (study.json), with each flag given checked against it."""
+    local = record.path == "local"
+    workers = record.workers_per_trial
+    per_trial = record.resources_per_trial
+    cpus = (per_trial["CPU"] - (0.0 if local else DRIVER_CPU)) / workers
+    gpus = per_trial.get("GPU", 0.0)
+    path = "the local path (--local)" if local else "the TorchTrainer path"
+    said = {
+        "--local": (request.local or None, local or None, path),
+        "--workers-per-trial": (request.workers_per_trial, workers,
+                                f"{workers} worker{'s' * (workers > 1)} per trial"),
+        "--cpus-per-worker": (request.cpus_per_worker, cpus, f"{cpus:g} CPUs per worker"),
+        "--gpus-per-trial": (request.gpus_per_trial, gpus, f"{gpus:g} GPUs per trial"),
+    }
+    for flag, (given, recorded, described) in said.items():
+        if given is not None and (recorded is None or not math.isclose(given, recorded)):
+            raise BadInput(f"{flag}: the experiment ran on {described} ({STUDY_JSON}); a "
+                           "resume keeps how it was launched: drop the flag")
+    return Launch(local, workers, None if local else cpus, gpus, request.address,
+                  request.dashboard_host, job)
+
+
+def _config(request: Request, experiment: Folder, record: StudyRecord | None) -> Config:
+    """A new study's config (file, flags, --set), or the resumed one's own: with
+    --resume-if-exists, the one the flags give must be the recorded one."""
     overrides = list(request.overrides)
     for flag, key in ((request.data_dir, "data.dir"), (request.num_samples, "search.num_samples"),
                       (request.scheduler, "search.scheduler"),
@@ -229,13 +324,11 @@ def _config(request: Request, experiment: Folder) -> Config:
         if flag is not None:
             overrides.append(f"{key}={json.dumps(flag)}")
     if request.resume:
-        if not experiment.is_file(STUDY_JSON):
-            raise BadInput(f"{experiment}: no experiment to resume ({STUDY_JSON} missing)")
         if overrides or request.config is not None:
             raise BadInput("--resume continues with the experiment's own config: "
                            "drop --config, --set and the flags that change it")
-        return read_record(experiment).config
-    if experiment.exists() and not request.overwrite:
+        return record.config
+    if experiment.exists() and not request.overwrite and record is None:
         raise BadInput(f"{experiment}: experiment exists; use --resume to continue it "
                        "or --overwrite to replace it")
     config = load_config(request.config or DEFAULT_CONFIG, overrides)
@@ -243,7 +336,31 @@ def _config(request: Request, experiment: Folder) -> Config:
         raise BadInput(f"train.epochs={config.train.epochs}: a study needs at least 2 "
                        "epochs to search the peak epoch")
     # Absolute, so that trials on other processes and the report find the data.
-    return config.replace("data", dir=str(Path(config.data.dir).resolve()))
+    config = config.replace("data", dir=str(Path(config.data.dir).resolve()))
+    if record is None:
+        return config
+    if config.search.confirm_seeds is None:  # the default the study decided (`bind`)
+        config = config.replace("search", confirm_seeds=record.config.search.confirm_seeds)
+    difference = first_difference(dump_config(record.config), dump_config(config))
+    if difference is not None:
+        raise BadInput(f"--resume-if-exists: {experiment} was started with another config: "
+                       f"{difference}; give its config and flags, or another --name")
+    return record.config
+
+
+def first_difference(recorded: dict[str, Any], given: dict[str, Any], prefix: str = ""
+                     ) -> str | None:
+    """The first key, in the config's order, whose value differs, said as `key: a there, b
+    here`; None when they are the same."""
+    for key, there in recorded.items():
+        here = given.get(key)
+        if isinstance(there, dict) and isinstance(here, dict):
+            found = first_difference(there, here, f"{prefix}{key}.")
+            if found is not None:
+                return found
+        elif there != here:
+            return f"{prefix}{key} is {json.dumps(there)} in {STUDY_JSON}, {json.dumps(here)} now"
+    return None
 
 
 def read_record(experiment: Folder) -> StudyRecord:
@@ -352,8 +469,18 @@ def bind(plan: Plan, cluster: dict[str, float]) -> Bound:
     return Bound(config, resources, min(fits, config.search.max_concurrent))
 
 
-def print_plan(plan: Plan, bound: Bound, cost: dict[str, Any]) -> None:
-    """The plan as JSON, with the cost estimate (`said`: as a study prints it)."""
+def storage_note(plan: Plan, nodes: int) -> str | None:
+    """What a cluster of `nodes` asks of a local --storage: every node writes checkpoints
+    there, so Tune needs it shared (since Ray 2.7 it no longer syncs nodes' folders)."""
+    if nodes < 2 or not plan.experiment.is_local:
+        return None
+    return (f"--storage {plan.experiment.parent} is a local path on a cluster of {nodes} "
+            "nodes: it must be the same shared folder (NFS) on every node, or use a bucket")
+
+
+def print_plan(plan: Plan, bound: Bound, cost: dict[str, Any], note: str | None) -> None:
+    """The plan as JSON, with the cost estimate (`said`: as a study prints it) and what the
+    cluster asks of the storage (`note`)."""
     config, resources = bound.config, bound.resources
     print(json.dumps({
         "experiment": str(plan.experiment),
@@ -369,5 +496,7 @@ def print_plan(plan: Plan, bound: Bound, cost: dict[str, Any]) -> None:
         "max_concurrent": config.search.max_concurrent,
         "trials_fitting_at_once": bound.at_once,
         "mlflow": plan.tracking.shown if plan.tracking else None,
+        "ray_job": plan.launch.job.submission_id if plan.launch.job else None,
+        "storage_note": note,
         "cost_estimate": cost,
     }, indent=2))

@@ -4,7 +4,8 @@ estimate (an Optuna sampler), every trial a Ray Train run of the one-cycle loop;
     python study/run.py --num-samples 8                    # a study on this machine
     python study/run.py --config configs/smoke.yaml --local --num-samples 3
     python study/run.py --resume --name study-20261124T130000Z   # continue an interrupted one
-    python study/run.py --address auto ...                 # on a cluster from `ray start --head`
+    python study/run.py --resume-if-exists --name N ...   # start it, or continue it: a job's
+    ray job submit --working-dir . -- python study/run.py --storage /shared/runs ...
 
 Bad input is refused in one line with exit code 2 before Ray starts or anything is written.
 """
@@ -45,7 +46,11 @@ def parse_args(argv: list[str] | None) -> Request:
                         "search.confirm_seeds; default 2 when trials get a GPU, else 0)")
     p.add_argument("--storage", default="runs", help="folder holding experiments")
     p.add_argument("--name", help="experiment name (default study-<UTC timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the experiment --name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the experiment --name, launched as it was (study.json)")
+    p.add_argument("--resume-if-exists", action="store_true",
+                   help="start the experiment --name, or continue it if it exists and was "
+                        "started with the same config (one entrypoint for a job's retries)")
     p.add_argument("--overwrite", action="store_true", help="replace the experiment --name")
     p.add_argument("--local", action="store_true",
                    help="run each trial's loop in its Tune trainable: one process, no "
@@ -59,7 +64,9 @@ def parse_args(argv: list[str] | None) -> Request:
     p.add_argument("--gpus-per-trial", type=float,
                    help="GPUs per trial, fractions allowed (default: 1 if the cluster has "
                         "GPUs, else 0)")
-    p.add_argument("--address", help="join a running cluster ('auto' or host:port)")
+    p.add_argument("--address",
+                   help="join a running cluster ('auto' or host:port); default: the job's "
+                        "cluster under `ray job submit`, else a Ray of the study's own")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="interface the dashboard listens on (only when starting Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -77,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     plan = None
     try:
         plan = resolve(request)
-        if plan.launch.address is None:
+        if plan.launch.join is None:
             bind(plan, this_machine())  # a trial too big for it, before Ray starts
         # Only now torch, Ray and Optuna (seconds to import): bad input is refused at once.
         from study import driver
 
+        if plan.finished and not plan.dry_run and driver.said_result(plan):
+            return 0
         return driver.run(plan, driver.load_data(plan))
     except (BadInput, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

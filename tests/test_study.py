@@ -208,7 +208,7 @@ def test_dry_run_plan_says_workers_batches_resources_and_trials_at_once(syntheti
                               "--dry-run", "--num-samples", "5", "--workers-per-trial", "2",
                               "--cpus-per-worker", "0.25", "--set", "search.max_concurrent=8"))
     plan = resolve(request)
-    print_plan(plan, bind(plan, {"CPU": 2.0, "GPU": 0.0}), {})
+    print_plan(plan, bind(plan, {"CPU": 2.0, "GPU": 0.0}), {}, None)
     plan = json.loads(capsys.readouterr().out)
     assert plan["trials"] == 5 and plan["path"] == "TorchTrainer"
     assert plan["workers_per_trial"] == 2 and plan["batch_size_per_worker"] == 8

@@ -104,6 +104,7 @@ class StudyRecord(_Record):
     confirmation: Confirmation | None = None
     finished: bool | None = None  # every trial ended; None while the search runs
     mlflow_run_id: str | None = None  # the study's parent run, when it is tracked (--mlflow)
+    jobs: tuple[str, ...] = ()  # the Ray jobs' submission ids that ran it, in order
 
     def write(self, experiment: Folder) -> None:
         experiment.write_text(STUDY_JSON, self.model_dump_json(indent=2))
