@@ -12,7 +12,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -244,20 +243,25 @@ def resume_command(plan: Plan) -> str:
     return shlex.join(command)
 
 
-def interrupted(plan: Plan, ended: int, total: int) -> int:
+def continue_with(plan: Plan) -> str:
     again = " (as a Ray job: submit it, or this job's entrypoint with --resume-if-exists)" \
         if plan.launch.job else ""
-    print(f"interrupted: {ended} of {total} trials ended. Continue with: "
-          f"{resume_command(plan)}{again}", flush=True)
+    return f"Continue with: {resume_command(plan)}{again}"
+
+
+def interrupted(plan: Plan, ended: int, total: int) -> int:
+    print(f"interrupted: {ended} of {total} trials ended. {continue_with(plan)}", flush=True)
     return EXIT_INTERRUPTED
 
 
-def stop_on_sigterm() -> None:
+def stop_on_sigterm(plan: Plan) -> None:
     """SIGTERM (`ray job stop`, a pod deleted) stops the study as Ctrl-C does: whichever
-    handles SIGINT now (Tune's saves the experiment; else KeyboardInterrupt) handles it. Set
-    after ray.init, whose own handler exits at once."""
+    handles SIGINT now (Tune's saves the experiment; else KeyboardInterrupt) handles it. The
+    command that continues it is said at once: `ray job stop` SIGKILLs 3 s later. Set after
+    ray.init, whose own handler exits at once."""
     def as_sigint(signum, frame) -> None:
-        print("SIGTERM: stopping the study as on Ctrl-C", file=sys.stderr, flush=True)
+        print(f"interrupted (SIGTERM): stopping the study as on Ctrl-C. {continue_with(plan)}",
+              flush=True)
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler):
             handler(signal.SIGINT, frame)
@@ -332,7 +336,7 @@ def finish_tracking(study: Study, best: pd.Series | None, report: Folder | None)
 
 def run(plan: Plan, splits: Splits) -> int:
     context = start_ray(plan.experiment.name, plan.launch.join, plan.launch.dashboard_host)
-    stop_on_sigterm()
+    stop_on_sigterm(plan)
     try:
         bound = bind(plan, ray.cluster_resources())
         note = storage_note(plan, sum(node["Alive"] for node in ray.nodes()))

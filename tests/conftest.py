@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -54,22 +55,36 @@ def offline(monkeypatch):
         monkeypatch.setenv(name, value)
 
 
+@dataclasses.dataclass(frozen=True)
+class RayHead:
+    address: str  # the GCS's host:port: what --address takes
+    dashboard: str  # the dashboard's URL: where `ray job submit` sends a job
+
+
 @pytest.fixture(scope="session")
-def ray_address():
+def ray_head():
     """One Ray head for the session (a start costs 5-9 s), as `ray start --head` gives a user;
-    studies join it with --address. Its own temp dir keeps it apart from any other Ray."""
+    studies join it with --address, or are submitted to it as jobs. Its own temp dir keeps it
+    apart from any other Ray. It runs in this interpreter's environment, so a job's `python`
+    is this one (Ray runs an entrypoint with the head's PATH)."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths
-    port = free_port()
+    port, dashboard_port = free_port(), free_port()
     ray_bin = Path(sys.executable).with_name("ray")
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
                     "--num-gpus=0", f"--temp-dir={temp_dir}",
                     f"--ray-client-server-port={free_port()}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={free_port()}", "--disable-usage-stats"],
+                    f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
                    check=True, capture_output=True, timeout=120,
-                   env={**os.environ, **RAY_ENV})
-    yield f"127.0.0.1:{port}"
+                   env={**os.environ, **RAY_ENV, "PATH": path})
+    yield RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
     stop_ray_started_in(temp_dir, port)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_head) -> str:
+    return ray_head.address
 
 
 def stop_ray_started_in(temp_dir: str, port: int) -> None:

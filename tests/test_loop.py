@@ -5,6 +5,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,14 @@ def test_resuming_reaches_the_same_weights_as_an_uninterrupted_run(tiny_config, 
     whole = train(tiny_config, splits, keep)
     resumed = train(tiny_config, splits, resume_from=[kept[1]])
     assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
+    # From its last epoch's checkpoint (it ended after its driver stopped listening): that
+    # epoch reported once more, with a checkpoint, and nothing trained.
+    again = []
+    ended = train(tiny_config, splits,
+                  lambda m, c: again.append((m, (Path(c) / CHECKPOINT_FILE).is_file())),
+                  resume_from=[kept[3]])
+    assert again == [(whole.history[-1], True)]
+    assert torch.equal(ended.model.head.weight, whole.model.head.weight)
     for name, tensor in whole.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
     assert whole.history[-1]["val_loss"] == resumed.history[-1]["val_loss"]

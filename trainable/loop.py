@@ -261,6 +261,22 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             report(metrics, None)
         return Outcome(TrialStatus.DIVERGED, module, history + [metrics], diverged_epoch=epoch)
 
+    def publish(metrics: dict[str, Any]) -> None:
+        """The epoch's report, with its checkpoint from rank 0."""
+        if report is None:
+            return
+        if rank != 0:
+            report(metrics, None)
+            return
+        with saved_checkpoint(module, optimizer, scheduler, metrics[EPOCH], config,
+                               history) as checkpoint_dir:
+            report(metrics, checkpoint_dir)
+
+    if state is not None and first_epoch > t.epochs and not history[-1].get(DIVERGED):
+        # Its last epoch checkpointed after the study's driver stopped listening (a stop lets
+        # a trial run on for a moment): that report again, or the trial would end at the
+        # epoch the driver saw last.
+        publish(history[-1])
     for epoch in range(first_epoch, t.epochs + 1):
         trained = train_epoch(model, train_batches, optimizer, scheduler, runtime, config,
                                epoch, progress)
@@ -286,12 +302,5 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             DIVERGED: False,
         }
         history.append(metrics)
-        if report is None:
-            continue
-        if rank != 0:
-            report(metrics, None)
-            continue
-        with saved_checkpoint(module, optimizer, scheduler, epoch, config,
-                               history) as checkpoint_dir:
-            report(metrics, checkpoint_dir)
+        publish(metrics)
     return Outcome(TrialStatus.COMPLETED, module, history)
