@@ -122,8 +122,9 @@ def test_one_study_killed_at_four_moments_and_interrupted_in_its_confirmation_en
     assert "confirmation: the search's top 2 configs again, 1 more seed each" in out
     assert not any(line.startswith("best trial ") and " so far " not in line
                    for line in out.splitlines())
+    # How it runs (--local) comes back from study.json; where (--address) is said.
     said = f"python study/run.py --resume --name killed --storage {tmp_path} --address " \
-           f"{ray_address} --local"
+           f"{ray_address}"
     assert re.search(rf"interrupted: [34] of 5 trials ended\. Continue with: {re.escape(said)}\n",
                      out), out[-3000:]
     continued = [*RUN[:-1], *shlex.split(said)[1:]]
