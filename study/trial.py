@@ -170,7 +170,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     with _resume_from(ray.train.get_checkpoint()) as resume_from:
         train(config, splits, report, resume_from=resume_from,
-              runtime=select_runtime(ray.train.torch.get_device()),
+              runtime=select_runtime(ray.train.torch.get_device(),
+                                     config.train.cudnn_benchmark),
               prepare_model=partial(ray.train.torch.prepare_model, move_to_device=False))
 
 

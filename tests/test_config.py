@@ -38,6 +38,8 @@ def test_dotted_overrides_are_typed_by_yaml():
     assert config.lr_finder.end_lr == 100.0  # YAML 1.1 reads 1e2 as a string
     assert config.train.epochs == 5 and config.train.max_lr == 0.3
     assert config.train.nesterov is False
+    assert [load_config(REPO / "configs" / "smoke.yaml", [f"train.cudnn_benchmark={v}"])
+            .train.cudnn_benchmark for v in ("true", "false", "auto")] == [True, False, "auto"]
     assert config.search.max_lr_range == (0.25, 4.0)
     assert config.peak_epoch_range == (1, 2)  # follows the epochs when not set
     default = load_config(REPO / "configs" / "default.yaml", [])
@@ -69,6 +71,9 @@ def test_dotted_overrides_are_typed_by_yaml():
     ("search.sampler=cmaes", "search.sampler: 'cmaes' is not one of auto, tpe, gp, qmc, random"),
     ("search.startup_trials=-1", "search.startup_trials: -1 is below the minimum 0"),
     ("epochs=5", "expected section.key=value"),
+    ("train.cudnn_benchmark=maybe", "train.cudnn_benchmark: expected true, false or auto, got "
+                                    "'maybe'"),
+    ("train.cudnn_benchmark=1", "train.cudnn_benchmark: expected true, false or auto, got 1"),
 ])
 def test_bad_values_are_refused_by_name(override, message):
     with pytest.raises(ConfigError) as err:

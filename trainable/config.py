@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
+import pydantic_core
 import yaml
 from pydantic import BeforeValidator, Field, Strict
 from pydantic.dataclasses import dataclass
@@ -31,10 +32,17 @@ def _number(value: Any) -> Any:
         return value
 
 
+def _bool_or_auto(value: Any) -> Any:
+    if value is True or value is False or value == "auto":
+        return value
+    raise pydantic_core.PydanticCustomError("bool_or_auto", "expected true, false or auto")
+
+
 Int = Annotated[int, Strict()]
 Float = Annotated[float, BeforeValidator(_number), Strict(), Field(allow_inf_nan=False)]
 Text = Annotated[str, Strict(), Field(min_length=1)]
 Flag = Annotated[bool, Strict()]
+FlagOrAuto = Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
 SECTION = pydantic.ConfigDict(extra="forbid")
 
 AUGMENT_ON = Literal["auto", "cpu", "gpu"]
@@ -75,6 +83,9 @@ class TrainConfig:
     label_smoothing: Annotated[Float, Field(ge=0.0, le=0.5)] = 0.0
     eval_flip_tta: Flag = False
     compile: Flag = False
+    # cuDNN's search for the fastest convolutions in each new process, on CUDA: auto is on
+    # (every batch has one shape); its cost per process is in docs/performance.md
+    cudnn_benchmark: FlagOrAuto = "auto"
     seed: Annotated[Int, Field(ge=0)] = 0
 
 
@@ -189,6 +200,7 @@ def _one_line(error: dict[str, Any]) -> str:
         "dataclass_type": f"expected a mapping, got {value!r}",
         "int_type": f"expected an integer, got {value!r}",
         "bool_type": f"expected true or false, got {value!r}",
+        "bool_or_auto": f"expected true, false or auto, got {value!r}",
         "float_type": f"expected a number, got {value!r}",
         "finite_number": f"expected a finite number, got {value!r}",
         "string_type": f"expected a non-empty string, got {value!r}",

@@ -53,16 +53,17 @@ def available_cpus() -> int:
         else len(os.sched_getaffinity(0))
 
 
-def select_runtime(device: torch.device | str | None = None) -> Runtime:
+def select_runtime(device: torch.device | str | None = None,
+                   cudnn_benchmark: bool | str = "auto") -> Runtime:
     """CUDA when present, with bf16 autocast and channels_last (tensor cores want both);
-    otherwise the CPU in float32, where bf16 would be slower and less exact."""
+    otherwise the CPU in float32, where bf16 would be slower and less exact.
+    `cudnn_benchmark` (train.cudnn_benchmark): auto is on, as every batch has the same shape
+    (32x32 images), so cuDNN's one-off search per process usually pays for itself."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cpus = available_cpus()
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        # Every batch has the same shape (32x32 images), so cuDNN's one-off search for the
-        # fastest convolution algorithms pays for itself in the first steps.
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark in (True, "auto")
         return Runtime(device, torch.bfloat16, channels_last=True, cpus=cpus)
     return Runtime(device, None, channels_last=False, cpus=cpus)

@@ -232,7 +232,7 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
     the val set (the figures reported are the whole set's), reports its own shard's training
     metrics, and only rank 0 writes checkpoints. BatchNorm statistics stay per worker
     (no SyncBatchNorm); rank 0's are the ones validated and saved."""
-    runtime = runtime or select_runtime()
+    runtime = runtime or select_runtime(cudnn_benchmark=config.train.cudnn_benchmark)
     t = config.train
     _seed(t.seed)
     rank, world = rank_and_world()

@@ -39,7 +39,7 @@ def steepest_descent(lrs: list[float], losses: list[float]) -> float:
 def range_test(config: Config, splits: Splits) -> dict[str, Any]:
     """Run the sweep; return `suggested_lr`, the `lrs` and smoothed `losses`, and `settings`."""
     finder_cfg, t = config.lr_finder, config.train
-    runtime = select_runtime()
+    runtime = select_runtime(cudnn_benchmark=config.train.cudnn_benchmark)
     torch.manual_seed(t.seed)
     model = runtime.prepare(build_model(config.model.name, len(splits.classes)))
     optimizer = make_optimizer(model, config)

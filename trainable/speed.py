@@ -28,7 +28,7 @@ def measure_speed(config: Config, images: ImageSet, workers: int = 1,
     """Training and evaluation images/s of one worker at its share of the global batch
     (`train.batch_size / workers`; on a CPU at most CPU_PROBE_IMAGES a step), on `images`
     augmented as the trials augment them. Without torch.compile, whatever the config says."""
-    runtime = runtime or select_runtime()
+    runtime = runtime or select_runtime(cudnn_benchmark=config.train.cudnn_benchmark)
     batch = config.train.batch_size // workers
     if runtime.device.type != "cuda":
         batch = min(batch, CPU_PROBE_IMAGES)
