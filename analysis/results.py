@@ -24,6 +24,7 @@ from trainable.experiment import (
     MODE,
     RESULTS_CSV,
     SEARCHED,
+    STARTUP_S,
     TRAIN_RUNS,
     TUNE_STATE,
     Folder,
@@ -36,7 +37,7 @@ from trainable.experiment import (
 
 COLUMNS = ["trial_id", "role", "confirms", "seed", "status", "max_lr", "peak_epoch",
            "epochs_run", "best_val_acc", "final_val_acc", "val_loss", "train_loss", "wall_s",
-           "checkpoint"]
+           STARTUP_S, "train_s", "val_s", "checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,10 @@ def trial_table(trials: list[Trial]) -> pd.DataFrame:
             "val_loss": last.get("val_loss", math.nan),
             "train_loss": last.get("train_loss", math.nan),
             "wall_s": last.get("time_total_s", math.nan),
+            # its first run's start-up; the seconds of every epoch it reported
+            STARTUP_S: h[STARTUP_S].iloc[0] if STARTUP_S in h and len(h) else math.nan,
+            "train_s": h["epoch_s"].sum() if "epoch_s" in h else math.nan,
+            "val_s": h["val_s"].sum() if "val_s" in h else math.nan,
             "checkpoint": trial.checkpoint,
         })
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 
 import ray
 from ray import tune
@@ -22,10 +23,11 @@ from trainable.loop import steps_per_epoch
 from trainable.record import Estimate
 from trainable.speed import measure_speed
 
-# A trial's fixed seconds beyond its epochs (processes, Train's set-up, the model, the end),
-# per path: the slower of what tools/bench.py measured on 2-core CPU machines
-# (docs/performance.md). Once trials have ended, the time left comes from their own times.
-TRIAL_OVERHEAD_S = {"local": 2.0, "TorchTrainer": 30.0}
+# What Ray Train adds to a trial's start-up beyond what the speed probe measures (its own
+# process, imports, data and model): Train's controller, placement group and worker group,
+# and their end. Measured by tools/bench.py (docs/performance.md); the probe's start-up is
+# measured on each study's own cluster.
+TRAIN_SETUP_S = 6.0
 PROBES = 4  # speed probes run at once, at most
 # Past this, a study on CPUs only says plainly that it is long, and names smaller runs.
 LONG_S = 3600.0
@@ -34,39 +36,50 @@ SMALLER_RUNS = ("--config configs/smoke.yaml", "--set data.limit_train=5000",
 
 
 @ray.remote
-def _remote_speed(config: Config, splits_ref: list, workers: int) -> dict[str, float]:
-    return measure_speed(config, ray.get(splits_ref[0]).train, workers)
+def _remote_speed(config: Config, splits_ref: list, workers: int, submitted_at: float
+                  ) -> dict[str, float]:
+    return measure_speed(config, ray.get(splits_ref[0]).train, workers,
+                         started_at=submitted_at)
 
 
 def measure(bound: Bound, splits_ref: ray.ObjectRef, splits: Splits) -> Estimate:
     """The study's cost, from a few steps timed with one worker's resources."""
-    config, resources, at_once = bound.config, bound.resources, bound.at_once
+    resources = bound.resources
     bundle = resources.worker_bundle()
     task = _remote_speed.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0))
     try:
         # As many at once as the trials' workers will run at once (up to PROBES): workers
         # sharing a machine or a GPU slow each other down, and the estimate should say so.
-        probes = ray.get([task.remote(config, [splits_ref], resources.workers)
-                          for _ in range(min(at_once * resources.workers, PROBES))])
+        probes = ray.get([task.remote(bound.config, [splits_ref], resources.workers,
+                                      time.time())
+                          for _ in range(min(bound.at_once * resources.workers, PROBES))])
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, DataError):  # say the data's problem, not Ray's traceback
             raise err.cause from None
         raise
+    return estimate(probes, bound, len(splits.train.labels), len(splits.val.labels))
+
+
+def estimate(probes: list[dict[str, float]], bound: Bound, train_images: int,
+             val_images: int) -> Estimate:
+    """The arithmetic: the probes' median rates and start-up, over the plan. A trial's fixed
+    seconds are the start-up a probe measured (a new process, imports, data, model), plus
+    Ray Train's set-up on the TorchTrainer path."""
+    config, resources, at_once = bound.config, bound.resources, bound.at_once
     speed = {key: statistics.median(p[key] for p in probes)
-             for key in ("train_images_per_s", "eval_images_per_s")}
-    speed["device"] = probes[0]["device"]
+             for key in ("train_images_per_s", "eval_images_per_s", "startup_s")}
     t = config.train
     images_per_s = speed["train_images_per_s"] * resources.workers
-    epoch_s = (steps_per_epoch(config, len(splits.train.labels)) * t.batch_size / images_per_s
-               + len(splits.val.labels) / (speed["eval_images_per_s"] * resources.workers))
-    overhead_s = TRIAL_OVERHEAD_S["local" if resources.local else "TorchTrainer"]
+    epoch_s = (steps_per_epoch(config, train_images) * t.batch_size / images_per_s
+               + val_images / (speed["eval_images_per_s"] * resources.workers))
+    overhead_s = speed["startup_s"] + (0.0 if resources.local else TRAIN_SETUP_S)
     trial_s = t.epochs * epoch_s + overhead_s
     # The range test runs on one worker at the global batch.
     range_test_s = config.lr_finder.num_iter * t.batch_size / speed["train_images_per_s"]
     search = config.search
     trials = search.num_samples + search.confirm_top * (search.confirm_seeds or 0)
     study_s = range_test_s + math.ceil(trials / at_once) * trial_s
-    return Estimate(device=speed["device"], workers=resources.workers,
+    return Estimate(device=probes[0]["device"], workers=resources.workers,
                     images_per_s=images_per_s, epoch_s=epoch_s, overhead_s=overhead_s,
                     trial_s=trial_s, range_test_s=range_test_s, trials=trials,
                     at_once=at_once, study_s=study_s)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -104,11 +105,13 @@ def _newest_in_trial_folder() -> tune.Checkpoint | None:
 
 def local_trial(params: dict[str, Any], *, base: Config, splits_ref: list) -> None:
     """One trial run by the loop inside the Tune trainable: one process, no TorchTrainer."""
+    started_at = time.time()
     log_to_stderr()
     config = trial_config(base, params)
     splits = ray.get(splits_ref[0])
     with _resume_from(_newest_in_trial_folder()) as resume_from:
-        train(config, splits, _report_to(tune.report, tune.Checkpoint), resume_from=resume_from)
+        train(config, splits, _report_to(tune.report, tune.Checkpoint), resume_from=resume_from,
+              started_at=started_at)
 
 
 @ray.remote(num_cpus=0)
@@ -172,7 +175,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         train(config, splits, report, resume_from=resume_from,
               runtime=select_runtime(ray.train.torch.get_device(),
                                      config.train.cudnn_benchmark),
-              prepare_model=partial(ray.train.torch.prepare_model, move_to_device=False))
+              prepare_model=partial(ray.train.torch.prepare_model, move_to_device=False),
+              started_at=loop_config["started_at"])
 
 
 def torch_trial(params: dict[str, Any], *, base: Config, splits_ref: list,
@@ -182,13 +186,15 @@ def torch_trial(params: dict[str, Any], *, base: Config, splits_ref: list,
 
     Under ASHA the workers wait for Tune's word after each epoch (a poll of Train's
     controller and a round trip to Tune); FIFO stops no trial early, so they do not wait."""
+    started_at = time.time()
     config = trial_config(base, params)
     search = config.search
     relay = EpochRelay.remote()
     trainer = ray.train.torch.TorchTrainer(
         train_worker,
         train_loop_config={"config": config, "splits_ref": splits_ref[0],
-                           "hold": relay if search.scheduler == "asha" else None},
+                           "hold": relay if search.scheduler == "asha" else None,
+                           "started_at": started_at},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=resources.gpus_per_worker > 0,
             resources_per_worker=resources.worker_bundle()),

@@ -42,6 +42,7 @@ TUNE_STATE = "experiment_state-*.json"  # Tune's saved state, in each Tune exper
 METRIC, MODE = "val_acc", "max"  # what the study maximises, and which checkpoints it keeps
 EPOCH = "epoch"  # the metric that counts epochs: ASHA's time, every figure's x axis
 DIVERGED = "diverged"  # the flag of the report where a loss went non-finite
+STARTUP_S = "startup_s"  # a run's seconds from the trial's start to its first step
 SEARCHED = ("max_lr", "peak_epoch")  # TrainConfig fields the search sets per trial
 TRIAL_PREFIX = "trial_"  # a Tune trial's folder: trial_<trial id>
 TRAIN_RUN_PREFIX = "train-"  # a trial's Ray Train run, under TRAIN_RUNS: train-<trial id>

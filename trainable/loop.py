@@ -36,7 +36,7 @@ from trainable.data import (
 )
 from trainable.device import Runtime, select_runtime
 from trainable.device_data import DeviceBatches
-from trainable.experiment import DIVERGED, EPOCH, METRIC
+from trainable.experiment import DIVERGED, EPOCH, METRIC, STARTUP_S
 from trainable.model import build_model
 
 Report = Callable[[dict[str, Any], str | None], None]
@@ -221,7 +221,8 @@ def _share_rank0_buffers(module: nn.Module) -> None:
 
 def train(config: Config, splits: Splits, report: Report | None = None, *,
           resume_from: Sequence[str | Path] = (), runtime: Runtime | None = None,
-          progress: bool = False, prepare_model: Wrap | None = None) -> Outcome:
+          progress: bool = False, prepare_model: Wrap | None = None,
+          started_at: float | None = None) -> Outcome:
     """Train `config.model.name` on `splits.train` for `config.train.epochs` epochs,
     validating on `splits.val` after each; continue from the first readable checkpoint of
     `resume_from` (checkpoint directories written by this function, newest first) when given.
@@ -231,7 +232,10 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
     trains on its shard at `train.batch_size / workers` images a step, validates its shard of
     the val set (the figures reported are the whole set's), reports its own shard's training
     metrics, and only rank 0 writes checkpoints. BatchNorm statistics stay per worker
-    (no SyncBatchNorm); rank 0's are the ones validated and saved."""
+    (no SyncBatchNorm); rank 0's are the ones validated and saved.
+
+    `started_at` (time.time() when the trial started): each report then says `startup_s`,
+    the seconds from then to this run's first training step."""
     runtime = runtime or select_runtime(cudnn_benchmark=config.train.cudnn_benchmark)
     t = config.train
     _seed(t.seed)
@@ -277,6 +281,7 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
         # a trial run on for a moment): that report again, or the trial would end at the
         # epoch the driver saw last.
         publish(history[-1])
+    startup = {} if started_at is None else {STARTUP_S: time.time() - started_at}
     for epoch in range(first_epoch, t.epochs + 1):
         trained = train_epoch(model, train_batches, optimizer, scheduler, runtime, config,
                                epoch, progress)
@@ -284,7 +289,9 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             return diverge(epoch)
         if world > 1:
             _share_rank0_buffers(module)
+        validating = time.perf_counter()
         val = evaluate(module, val_batches, runtime, flip_tta=t.eval_flip_tta)
+        val_s = time.perf_counter() - validating
         if not math.isfinite(val["loss"]):  # the weights overflowed in the last steps
             return diverge(epoch)
         metrics = {
@@ -296,10 +303,12 @@ def train(config: Config, splits: Splits, report: Report | None = None, *,
             "best_val_acc": max([val["acc"]] + [m[METRIC] for m in history]),
             "lr": trained.lr,  # of this epoch's last step: max_lr at the end of peak_epoch
             "epoch_s": trained.seconds,  # seconds of training, without validation
+            "val_s": val_s,  # seconds of validation
             "images_per_s": world * trained.images / trained.seconds,  # all workers, equal shards
             "steps": len(train_batches),  # optimizer steps this epoch, for any number of workers
             "workers": world,
             DIVERGED: False,
+            **startup,
         }
         history.append(metrics)
         publish(metrics)

@@ -24,10 +24,13 @@ CPU_PROBE_IMAGES = 32
 
 
 def measure_speed(config: Config, images: ImageSet, workers: int = 1,
-                  runtime: Runtime | None = None) -> dict[str, float]:
+                  runtime: Runtime | None = None, started_at: float | None = None
+                  ) -> dict[str, float]:
     """Training and evaluation images/s of one worker at its share of the global batch
     (`train.batch_size / workers`; on a CPU at most CPU_PROBE_IMAGES a step), on `images`
-    augmented as the trials augment them. Without torch.compile, whatever the config says."""
+    augmented as the trials augment them. Without torch.compile, whatever the config says.
+    `startup_s`: the seconds from `started_at` (time.time(), when the probe was asked for)
+    to its first step, as a trial's worker gets there; 0 without it."""
     runtime = runtime or select_runtime(cudnn_benchmark=config.train.cudnn_benchmark)
     batch = config.train.batch_size // workers
     if runtime.device.type != "cuda":
@@ -41,6 +44,7 @@ def measure_speed(config: Config, images: ImageSet, workers: int = 1,
     optimizer = make_optimizer(model, probe)
     batches = make_batches(subset, probe, runtime, train=True)
     scheduler = make_scheduler(optimizer, probe, len(batches))
+    startup_s = 0.0 if started_at is None else time.time() - started_at
     train_epoch(model, batches, optimizer, scheduler, runtime, probe, 1, progress=False)
     timed = train_epoch(model, batches, optimizer, scheduler, runtime, probe, 2,
                          progress=False)
@@ -52,4 +56,4 @@ def measure_speed(config: Config, images: ImageSet, workers: int = 1,
     evaluate(model, evaluation, runtime, flip_tta=config.train.eval_flip_tta)
     return {"train_images_per_s": timed.images / timed.seconds,
             "eval_images_per_s": count / (time.perf_counter() - started),
-            "batch": batch, "device": str(runtime.device)}
+            "batch": batch, "device": str(runtime.device), "startup_s": startup_s}
