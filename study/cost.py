@@ -23,11 +23,13 @@ from trainable.loop import steps_per_epoch
 from trainable.record import Estimate
 from trainable.speed import measure_speed
 
-# What Ray Train adds to a trial's start-up beyond what the speed probe measures (its own
-# process, imports, data and model): Train's controller, placement group and worker group,
-# and their end. Measured by tools/bench.py (docs/performance.md); the probe's start-up is
-# measured on each study's own cluster.
-TRAIN_SETUP_S = 6.0
+# A TorchTrainer trial's fixed seconds: the start-up its speed probe measured on this study's
+# cluster (a new Ray worker process, its imports, the data and the model) plus what Ray Train
+# adds (the controller's process, the placement group, the worker group; their end): 21.7 s
+# of trial overhead against a 6.6 s probe start-up on a 2-core CPU (tools/bench.py,
+# docs/performance.md). A --local trial runs in a reused process: 2 s there.
+TRAIN_SETUP_S = 15.0
+LOCAL_TRIAL_S = 2.0
 PROBES = 4  # speed probes run at once, at most
 # Past this, a study on CPUs only says plainly that it is long, and names smaller runs.
 LONG_S = 3600.0
@@ -62,9 +64,8 @@ def measure(bound: Bound, splits_ref: ray.ObjectRef, splits: Splits) -> Estimate
 
 def estimate(probes: list[dict[str, float]], bound: Bound, train_images: int,
              val_images: int) -> Estimate:
-    """The arithmetic: the probes' median rates and start-up, over the plan. A trial's fixed
-    seconds are the start-up a probe measured (a new process, imports, data, model), plus
-    Ray Train's set-up on the TorchTrainer path."""
+    """The arithmetic: the probes' median rates and start-up, over the plan. A TorchTrainer
+    trial's fixed seconds are the start-up a probe measured plus Ray Train's set-up."""
     config, resources, at_once = bound.config, bound.resources, bound.at_once
     speed = {key: statistics.median(p[key] for p in probes)
              for key in ("train_images_per_s", "eval_images_per_s", "startup_s")}
@@ -72,7 +73,7 @@ def estimate(probes: list[dict[str, float]], bound: Bound, train_images: int,
     images_per_s = speed["train_images_per_s"] * resources.workers
     epoch_s = (steps_per_epoch(config, train_images) * t.batch_size / images_per_s
                + val_images / (speed["eval_images_per_s"] * resources.workers))
-    overhead_s = speed["startup_s"] + (0.0 if resources.local else TRAIN_SETUP_S)
+    overhead_s = LOCAL_TRIAL_S if resources.local else speed["startup_s"] + TRAIN_SETUP_S
     trial_s = t.epochs * epoch_s + overhead_s
     # The range test runs on one worker at the global batch.
     range_test_s = config.lr_finder.num_iter * t.batch_size / speed["train_images_per_s"]

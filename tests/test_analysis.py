@@ -122,6 +122,7 @@ def test_index_html_shows_every_figure_and_the_trial_table(finished, report):
     assert "http" not in " ".join(sources)  # nothing fetched from the network
     for trial_id in results(experiment)["trial_id"]:
         assert f"<td>{trial_id}</td>" in page
+    assert "<th>startup_s</th>" in page and "<th>train_s</th>" in page
     assert len(re.findall(r"<figcaption>", page)) == len(sources)
     # The search's cost: as estimated before it, beside what it took.
     wall = summary["wall_time"]

@@ -38,6 +38,10 @@ def test_three_trials_complete_around_the_estimate(finished):
     table = results(experiment)
     assert len(table) == 3 and set(table["status"]) == {"COMPLETED"}
     assert (table["epochs_run"] == EPOCHS).all()
+    # Where each trial's time went: its start-up apart from its training and validation.
+    for column in ("startup_s", "train_s", "val_s"):
+        assert (table[column] > 0).all(), table[column]
+    assert (table["startup_s"] + table["train_s"] + table["val_s"] < table["wall_s"] + 1).all()
     estimate = json.loads((experiment / LR_FINDER_JSON).read_text())["suggested_lr"]
     assert json.loads((experiment / STUDY_JSON).read_text())["estimate"] == estimate
     lo, hi = 0.5 * estimate, 2.0 * estimate  # smoke.yaml: search.max_lr_range [0.5, 2]

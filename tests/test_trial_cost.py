@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from study.cost import TRAIN_SETUP_S, estimate
+from study.cost import LOCAL_TRIAL_S, TRAIN_SETUP_S, estimate
 from study.plan import Bound, Resources
 from trainable.constants import REPO
 
@@ -22,20 +22,21 @@ def probe(startup_s: float) -> dict[str, float]:
             "batch": 32, "device": "cpu"}
 
 
-@pytest.mark.parametrize("local", [True, False])
-def test_the_estimate_takes_the_start_up_the_probes_measured(smoke_config, local):
-    bound = Bound(smoke_config, Resources(1, 1.0, 0.0, local), at_once=1)
+def test_the_estimate_takes_the_start_up_the_probes_measured(smoke_config):
+    bound = Bound(smoke_config, Resources(1, 1.0, 0.0, local=False), at_once=1)
     quick = estimate([probe(1.0), probe(2.0), probe(30.0)], bound, 320, 80)
     slow = estimate([probe(9.0), probe(10.0), probe(11.0)], bound, 320, 80)
-    train = TRAIN_SETUP_S * (not local)
-    assert quick.overhead_s == pytest.approx(2.0 + train)  # the median probe's
-    assert slow.overhead_s == pytest.approx(10.0 + train)
-    epochs = smoke_config.train.epochs
+    assert quick.overhead_s == pytest.approx(2.0 + TRAIN_SETUP_S)  # the median probe's
+    assert slow.overhead_s == pytest.approx(10.0 + TRAIN_SETUP_S)
     assert slow.trial_s - quick.trial_s == pytest.approx(8.0)
-    trials = smoke_config.search.num_samples + smoke_config.search.confirm_top * (
-        smoke_config.search.confirm_seeds or 0)
+    search = smoke_config.search
+    trials = search.num_samples + search.confirm_top * (search.confirm_seeds or 0)
     assert slow.study_s - quick.study_s == pytest.approx(8.0 * trials)
-    assert quick.trial_s == pytest.approx(epochs * quick.epoch_s + quick.overhead_s)
+    assert quick.trial_s == pytest.approx(smoke_config.train.epochs * quick.epoch_s
+                                          + quick.overhead_s)
+    # --local: the trials share one process, whose start the probe's does not say
+    local = Bound(smoke_config, Resources(1, 1.0, 0.0, local=True), at_once=1)
+    assert estimate([probe(10.0)], local, 320, 80).overhead_s == LOCAL_TRIAL_S
 
 
 def test_a_ray_train_worker_imports_none_of_the_heavy_libraries():

@@ -42,6 +42,7 @@ import ray.train.torch
 import torch
 from ray import tune
 
+from study import cost
 from study.cluster import start_ray
 from study.plan import DRIVER_CPU, Resources
 from study.trial import make_trainable, train_worker
@@ -50,7 +51,7 @@ from trainable.constants import DEFAULT_CONFIG, REPO
 from trainable.data import ImageSet, Splits, load_splits, make_loader, train_transform
 from trainable.device import Runtime, select_runtime
 from trainable.device_data import DeviceBatches
-from trainable.experiment import Folder
+from trainable.experiment import STARTUP_S, Folder
 from trainable.loop import train
 from trainable.synthetic import write_dataset
 
@@ -103,7 +104,7 @@ def ray_images_per_s(config: Config, splits_ref: ray.ObjectRef, cpus: int, use_g
     """The same loop as one TorchTrainer worker holding the CPUs the direct run had."""
     trainer = ray.train.torch.TorchTrainer(
         train_worker, train_loop_config={"config": config, "splits_ref": splits_ref,
-                                         "hold": None},
+                                         "hold": None, "started_at": time.time()},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus}),
         run_config=ray.train.RunConfig(name=storage.name, storage_path=str(storage.parent)))
@@ -152,7 +153,8 @@ def trial_overhead_s(config: Config, splits_ref: ray.ObjectRef, local: bool, use
     each = [clock.seconds[trial_id] - epoch_s[trial_id] for trial_id in sorted(
         epoch_s, key=clock.started.get)]
     return {"each": each, "median": statistics.median(each),
-            "tuner_per_trial": (wall - sum(epoch_s.values())) / trials}
+            "tuner_per_trial": (wall - sum(epoch_s.values())) / trials,
+            "startup": statistics.median(float(r.metrics[STARTUP_S]) for r in grid)}
 
 
 def augment_images_per_s(config: Config, images: ImageSet, workers: int,
@@ -271,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         start_ray("bench", args.address)
         try:
             splits_ref = ray.put(splits)
+            # The cost estimate's probe, as a study runs it first: its start-up is what the
+            # estimate takes for a trial's, plus cost.TRAIN_SETUP_S on the TorchTrainer path.
+            out["probe_startup_s"] = ray.get(cost._remote_speed.options(num_cpus=1).remote(
+                config, [splits_ref], 1, time.time()))[STARTUP_S]
             overheads = {path: trial_overhead_s(config, splits_ref, path == "local", use_gpu,
                                                 scratch_dir, args.trials)
                          for path in ("torch_trainer", "local")}
@@ -280,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         out["trial_overhead_each_s"] = {k: v["each"] for k, v in overheads.items()}
         out["tuner_overhead_per_trial_s"] = {k: v["tuner_per_trial"]
                                              for k, v in overheads.items()}
+        out["trial_startup_s"] = {k: v["startup"] for k, v in overheads.items()}
         workers = max(1, runtime.loader_workers(config.data.num_workers))
         out["augment_images_per_s"] = augment_images_per_s(config, splits.train, workers,
                                                            runtime.device)
@@ -310,6 +317,9 @@ def print_table(out: dict[str, Any]) -> None:
         for k, v in out["trial_overhead_s"].items()]
     rows += [(f"Tuner time less training, per trial, {k}, s", f"{v:.1f}")
              for k, v in out["tuner_overhead_per_trial_s"].items()]
+    rows += [(f"trial start to first step (startup_s), {k}, s", f"{v:.1f}")
+             for k, v in out["trial_startup_s"].items()]
+    rows += [("cost probe's start-up, s", f"{out['probe_startup_s']:.1f}")]
     rows += [(f"augment {k}, images/s", f"{v:.0f} ({out['augment_vs_model_ratio'][k]:.1f}x "
               "the model)") for k, v in out["augment_images_per_s"].items()]
     rows += [(f"epoch {k}, s", f"{v:.2f}") for k, v in out.get("epoch_s", {}).items()]
