@@ -5,6 +5,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +69,16 @@ def test_a_run_reports_every_epoch_with_a_checkpoint(tiny_config, tmp_path):
         shutil.copytree(checkpoint_dir, kept)
         reports.append((metrics, kept))
 
-    outcome = train(config, load_splits(config.data), report)
+    started_at = time.time() - 5.0  # as a trial that started 5 s before the loop
+    outcome = train(config, load_splits(config.data), report, started_at=started_at)
     assert outcome.status == TrialStatus.COMPLETED
     assert [m["epoch"] for m, _ in reports] == [1, 2, 3]
     keys = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "lr",
-            "epoch_s", "images_per_s", "steps", "workers", "diverged"}
+            "epoch_s", "val_s", "images_per_s", "steps", "workers", "diverged", "startup_s"}
     for metrics, kept in reports:
         assert set(metrics) == keys
+        assert 5.0 < metrics["startup_s"] < 5.0 + 60  # to the first step of this run
+        assert metrics["val_s"] > 0
         assert all(math.isfinite(v) for v in metrics.values())
         assert (kept / CHECKPOINT_FILE).is_file()
     # The schedule spans the 3 epochs trained and peaks at the end of epoch 2.
