@@ -350,8 +350,8 @@ def _config(request: Request, experiment: Folder, record: StudyRecord | None) ->
 
 def first_difference(recorded: dict[str, Any], given: dict[str, Any], prefix: str = ""
                      ) -> str | None:
-    """The first key, in the config's order, whose value differs, said as `key: a there, b
-    here`; None when they are the same."""
+    """The first key, in the config's order, whose value differs, said as `key is A in
+    study.json, B now`; None when they are the same."""
     for key, there in recorded.items():
         here = given.get(key)
         if isinstance(there, dict) and isinstance(here, dict):
