@@ -24,6 +24,7 @@ sampler and budget, over the repeats:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import sys
@@ -33,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -40,15 +42,19 @@ import pandas as pd
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from analysis.pick import Run, next_race, pick
 from study.search import make_sampler, tune_space
-from study.space import first_point, fitted_startup_trials, search_space
+from study.space import choose_sampler, first_point, fitted_startup_trials, search_space
 from tools.lr_grid import TABLE_COLUMNS
-from trainable.config import SAMPLERS, Config, ConfigError, load_config
+from trainable.config import PICKS, SAMPLERS, Config, ConfigError, load_config
 from trainable.constants import DEFAULT_CONFIG, EXIT_BAD_INPUT
 from trainable.experiment import EPOCH, METRIC, MODE
 from trainable.record import MODEL_FREE, Sampler
 
 SAMPLER_NAMES = tuple(n for n in typing.get_args(SAMPLERS) if n != "auto")
+PICK_NAMES = typing.get_args(PICKS)
+DEFAULT = "default"  # the study's own sampler, pick rule and racing, as the config sets them
+Point = tuple[float, int]  # a grid point: (multiple, peak epoch)
 DEFAULT_SAMPLERS = ["random", "tpe:10", "tpe", "gp", "qmc"]  # tpe:10 is Ray's default TPE
 
 
@@ -66,6 +72,11 @@ class Table:
     @property
     def epochs(self) -> int:
         return next(iter(self.curves.values())).shape[1]
+
+    @property
+    def seeds(self) -> int:
+        """The most seeds any point has (a run's seed index wraps round a point's own)."""
+        return max(len(c) for c in self.curves.values())
 
     def mean_final(self, point: tuple[float, int]) -> float:
         return float(self.curves[point][:, -1].mean())
@@ -128,70 +139,115 @@ def budget_free(spec: str) -> bool:
                                       for b in (1, 8, 1000)}) == 1
 
 
-def simulate(table: Table, config: Config, choice: Sampler, budgets: list[int],
-             seed: int) -> list[tuple[float, int]]:
-    """One study of max(`budgets`) trials on the table; the grid point it would pick after
-    each budget's trials had been asked (and run)."""
+@dataclass(frozen=True)
+class Rules:
+    """How a simulated study picks its winner and races, as `search.*` sets them."""
+
+    picks: tuple[str, ...]  # each scored on the same studies; one when racing
+    race: bool
+    max_config_calls: int = 3
+    race_every: int = 3
+    common_seed: bool = True  # every first run on the study's seed, as the study runs them
+
+    @classmethod
+    def of(cls, config: Config, picks: tuple[str, ...] | None = None, race: bool | None = None,
+           common_seed: bool = True) -> Rules:
+        search = config.search
+        return cls(picks or (search.pick,), search.race if race is None else race,
+                   search.max_config_calls, search.race_every, common_seed)
+
+
+def simulate(table: Table, config: Config, choice: Sampler, budgets: list[int], seed: int,
+             rules: Rules = Rules(("observed",), race=False)) -> dict[str, list[Point]]:
+    """One study of max(`budgets`) trials on the table; for each pick rule, the grid point it
+    would pick after each budget's trials had run. A run's seed is an index into its point's
+    seeds: with `common_seed`, one per study (drawn) for every first run, and the next ones
+    of the list for its races (as the study's `train.seed` + 1, + 2, ...); without, a seed
+    drawn per run."""
+    if rules.race and len(rules.picks) != 1:
+        raise ValueError("a racing study races under one pick rule")
     space = search_space(config, table.estimate)
-    first = first_point(config, space)
+    bounds = (space.max_lr.range, space.peak_epoch.range)
     distributions = OptunaSearch.convert_search_space(tune_space(space))
     study = optuna.create_study(direction="maximize", sampler=make_sampler(choice, seed))
-    study.enqueue_trial(first)
-    seeds = np.random.default_rng(seed)
-    in_flight: list[tuple[optuna.Trial, np.ndarray]] = []
-    best: tuple[float, tuple[float, int]] | None = None
-    picks: dict[int, tuple[float, int]] = {}
-    asked = 0
-    while asked < max(budgets) or in_flight:
-        while asked < max(budgets) and len(in_flight) < config.search.max_concurrent:
+    study.enqueue_trial(first_point(config, space))
+    draws = np.random.default_rng(seed)
+    base_seed = int(draws.integers(table.seeds))
+    runs: list[Run] = []  # in the order asked, each with its whole curve
+    finished: list[Run] = []  # as the searcher sees them
+    in_flight: list[tuple[optuna.Trial, np.ndarray, Run]] = []
+    since_race = 0
+    while len(runs) < max(budgets) or in_flight:
+        while len(runs) < max(budgets) and len(in_flight) < config.search.max_concurrent:
+            raced = next_race(finished, [(r.config, r.seed) for *_, r in in_flight],
+                              since_race, rules.picks[0], bounds, rules.max_config_calls,
+                              rules.race_every, base_seed) if rules.race else None
+            if raced is not None:
+                (max_lr, peak_epoch), run_seed = raced
+                study.enqueue_trial({"max_lr": max_lr, "peak_epoch": peak_epoch})
+                since_race = 0
+            else:
+                run_seed = base_seed
+                since_race += 1
             trial = study.ask(fixed_distributions=distributions)
-            point = table.nearest(trial.params["max_lr"], trial.params["peak_epoch"])
-            runs = table.curves[point]
-            curve = runs[seeds.integers(len(runs))]
-            in_flight.append((trial, curve))
-            asked += 1
-            if best is None or curve.max() > best[0]:  # ties: the earlier trial
-                best = (float(curve.max()), point)
-            picks[asked] = best[1]
-        trial, curve = in_flight.pop(0)  # the oldest ends first: every trial runs all epochs
+            max_lr, peak_epoch = trial.params["max_lr"], trial.params["peak_epoch"]
+            point = table.nearest(max_lr, peak_epoch)
+            point_runs = table.curves[point]
+            index = run_seed if rules.common_seed else int(draws.integers(table.seeds))
+            curve = point_runs[index % len(point_runs)]
+            run = Run(max_lr, peak_epoch, run_seed, float(curve.max()), float(curve[-1]),
+                      label=f"{len(runs)}")
+            runs.append(run)
+            in_flight.append((trial, curve, run))
+        trial, curve, run = in_flight.pop(0)  # the oldest ends first: every trial runs all epochs
         for epoch, val_acc in enumerate(curve, start=1):
             trial.report(float(val_acc), epoch)
         study.tell(trial, float(curve[-1]))
-    return [picks[budget] for budget in budgets]
+        finished.append(run)
+    return {rule: [table.nearest(*pick(runs[:budget], rule, bounds).config)
+                   for budget in budgets] for rule in rules.picks}
 
 
-def _regrets(table: Table, config: Config, spec: str, budgets: list[int],
-             seed: int) -> list[float]:
-    """One repeat: each budget's regret."""
+def _regrets(table: Table, config: Config, spec: str, budgets: list[int], rules: Rules,
+             seed: int) -> dict[str, list[float]]:
+    """One repeat: each pick rule's regret at each budget."""
     best = table.best_mean_final()
     if budget_free(spec):
-        picks = simulate(table, config, sampler_choice(spec, max(budgets)), budgets, seed)
+        picks = simulate(table, config, sampler_choice(spec, max(budgets)), budgets, seed, rules)
     else:
-        picks = [simulate(table, config, sampler_choice(spec, b), [b], seed)[0]
-                 for b in budgets]
-    return [best - table.mean_final(pick) for pick in picks]
+        each = [simulate(table, config, sampler_choice(spec, b), [b], seed, rules)
+                for b in budgets]
+        picks = {rule: [e[rule][0] for e in each] for rule in rules.picks}
+    return {rule: [best - table.mean_final(point) for point in points]
+            for rule, points in picks.items()}
 
 
 def measure(table: Table, config: Config, spec: str, budgets: list[int], repeats: int,
-            seed: int, jobs: int = 1) -> list[dict[str, float]]:
-    """Each budget's figures over `repeats` studies, seeded `seed`, `seed + 1`, ... (in `jobs`
-    processes: the same figures, sooner)."""
-    run = partial(_regrets, table, config, spec, budgets)
+            seed: int, jobs: int = 1, rules: Rules | None = None) -> list[dict[str, Any]]:
+    """Each pick rule's and budget's figures over `repeats` studies, seeded `seed`, `seed + 1`,
+    ... (in `jobs` processes: the same figures, sooner)."""
+    rules = rules or Rules.of(config, ("observed",), race=False, common_seed=False)
+    run = partial(_regrets, table, config, spec, budgets, rules)
     seeds = range(seed, seed + repeats)
     if jobs > 1:  # spawned, not forked: a fork of a process with threads (Ray's) can hang
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            regrets = np.array(list(pool.map(run, seeds)))
+            repeated = list(pool.map(run, seeds))
     else:
-        regrets = np.array([run(s) for s in seeds])
+        repeated = [run(s) for s in seeds]
     rows = []
-    for column, budget in enumerate(budgets):
-        values = regrets[:, column]
-        rows.append({
-            "sampler": spec, "startup_trials": sampler_choice(spec, budget).startup_trials,
-            "budget": budget, "regret_mean": float(values.mean()),
-            "regret_se": float(values.std(ddof=1) / math.sqrt(repeats)) if repeats > 1 else 0.0,
-            "regret_p90": float(np.quantile(values, 0.9)),
-            "within_spread": float((values <= table.seed_spread()).mean())})
+    for rule in rules.picks:
+        regrets = np.array([r[rule] for r in repeated])
+        for column, budget in enumerate(budgets):
+            values = regrets[:, column]
+            rows.append({
+                "sampler": spec, "startup_trials": sampler_choice(spec, budget).startup_trials,
+                "pick": rule, "race": rules.race,
+                "seeding": "common" if rules.common_seed else "per run",
+                "budget": budget, "regret_mean": float(values.mean()),
+                "regret_se": float(values.std(ddof=1) / math.sqrt(repeats))
+                if repeats > 1 else 0.0,
+                "regret_p90": float(np.quantile(values, 0.9)),
+                "within_spread": float((values <= table.seed_spread()).mean())})
     return rows
 
 
@@ -270,11 +326,12 @@ def asha_figures(table: Table, config: Config, budget: int, repeats: int,
     return rows
 
 
-def markdown(rows: list[dict[str, float]]) -> str:
-    lines = ["| sampler | budget | startup | regret mean (se) | regret p90 | within spread |",
-             "|---|---|---|---|---|---|"]
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| sampler | pick | race | seeding | budget | startup | regret mean (se) | "
+             "regret p90 | within spread |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['sampler']} | {r['budget']} | {r['startup_trials']} | "
+        lines.append(f"| {r['sampler']} | {r['pick']} | {'on' if r['race'] else 'off'} | "
+                     f"{r['seeding']} | {r['budget']} | {r['startup_trials']} | "
                      f"{r['regret_mean']:.4f} ({r['regret_se']:.4f}) | {r['regret_p90']:.4f} | "
                      f"{r['within_spread']:.0%} |")
     return "\n".join(lines)
@@ -286,7 +343,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--table", type=Path, required=True)
     p.add_argument("--budget", type=int, nargs="+", default=[8, 16, 32], help="trials")
     p.add_argument("--repeats", type=int, default=200, help="simulated studies per cell")
-    p.add_argument("--samplers", nargs="+", default=DEFAULT_SAMPLERS, metavar="NAME[:STARTUP]")
+    p.add_argument("--samplers", nargs="+", default=DEFAULT_SAMPLERS, metavar="NAME[:STARTUP]",
+                   help="`default`: the study's own sampler, pick rule and racing")
+    p.add_argument("--pick", nargs="+", metavar="RULE",
+                   help=f"for the samplers but `default`: {', '.join(PICK_NAMES)} (default: the "
+                        "config's search.pick)")
+    p.add_argument("--race", nargs="+", metavar="on|off",
+                   help="for the samplers but `default` (default: the config's search.race)")
+    p.add_argument("--seeding", nargs="+", default=["common"], metavar="common|per-run",
+                   help="common: every first run of a study on its one seed, as the study "
+                        "runs them; per-run: a seed drawn per run")
+    p.add_argument("--json", type=Path, metavar="OUT", help="one row per cell")
     p.add_argument("--seed", type=int, default=0, help="of the first repeat; then +1 each")
     p.add_argument("--jobs", type=int, default=1, help="processes; the figures do not change")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -304,9 +371,46 @@ def check_counts(budgets: list[int], jobs: int, repeats: int, samplers: list[str
         raise TableError(f"--repeats {repeats}: at least 1")
     for spec in samplers:
         name, _, startup = spec.partition(":")
-        if name not in SAMPLER_NAMES or (startup and (not startup.isdigit()
-                                                      or name in MODEL_FREE)):
-            raise TableError(f"--samplers {spec}: expected one of random, qmc, tpe[:N], gp[:N]")
+        if spec != DEFAULT and (name not in SAMPLER_NAMES or (
+                startup and (not startup.isdigit() or name in MODEL_FREE))):
+            raise TableError(f"--samplers {spec}: expected default, random, qmc, tpe[:N] or "
+                             "gp[:N]")
+
+
+def cells(args: argparse.Namespace, config: Config, table: Table) -> list[tuple[str, Rules]]:
+    """(sampler, rules) to measure, from the flags; one Rules per racing setting and seeding
+    (without racing, every pick rule is scored on the same studies)."""
+    for rule in args.pick or []:
+        if rule not in PICK_NAMES:
+            raise TableError(f"--pick {rule}: expected one of {', '.join(PICK_NAMES)}")
+    for race in args.race or []:
+        if race not in ("on", "off"):
+            raise TableError(f"--race {race}: expected on or off")
+    for seeding in args.seeding:
+        if seeding not in ("common", "per-run"):
+            raise TableError(f"--seeding {seeding}: expected common or per-run")
+    picks = tuple(args.pick or (config.search.pick,))
+    races = [r == "on" for r in args.race] if args.race else [config.search.race]
+    found = []
+    for spec in args.samplers:
+        for seeding in args.seeding:
+            common = seeding == "common"
+            if spec == DEFAULT:
+                found.append((choice_spec(config), Rules.of(config, common_seed=common)))
+                continue
+            for race in races:
+                found += [(spec, Rules.of(config, (rule,), race, common)) for rule in picks] \
+                    if race else [(spec, Rules.of(config, picks, race, common))]
+    if any(rules.race for _, rules in found) and table.seeds < 2:
+        raise TableError("racing needs a table with 2 or more seeds per point; this one has 1 "
+                         "(nothing to race with): add seeds, or --race off")
+    return found
+
+
+def choice_spec(config: Config) -> str:
+    """The study's own sampler, as the simulator names it."""
+    choice = choose_sampler(config)
+    return choice.name if choice.name in MODEL_FREE else f"{choice.name}:{choice.startup_trials}"
 
 
 def study_config(path: str, overrides: list[str], table: Table) -> Config:
@@ -326,24 +430,33 @@ def main(argv: list[str] | None = None) -> int:
         check_counts(args.budget, args.jobs, args.repeats, args.samplers)
         table = read_table(args.table)
         config = study_config(args.config, args.overrides, table)
+        measured_cells = cells(args, config, table)
     except (TableError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json is not None and args.json.exists():
+        print(f"error: {args.json} exists; refusing to overwrite it", file=sys.stderr)
         return EXIT_BAD_INPUT
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     best = max(table.curves, key=table.mean_final)
     lo, hi = config.search.max_lr_range
-    print(f"{len(table.curves)} grid points, {table.epochs} epochs; the best: "
-          f"{best[0]:g}x peak {best[1]}, mean final val_acc {table.mean_final(best):.4f}; "
-          f"seed spread {table.seed_spread():.4f}; searched {lo:g}-{hi:g}x, peak "
-          f"{list(config.peak_epoch_range)}, {config.search.max_concurrent} in flight",
-          flush=True)
+    print(f"{len(table.curves)} grid points, {table.epochs} epochs, up to {table.seeds} seeds "
+          f"a point; the best: {best[0]:g}x peak {best[1]}, mean final val_acc "
+          f"{table.mean_final(best):.4f}; seed spread {table.seed_spread():.4f}; searched "
+          f"{lo:g}-{hi:g}x, peak {list(config.peak_epoch_range)}, "
+          f"{config.search.max_concurrent} in flight", flush=True)
+    if any(rules.race and rules.max_config_calls > table.seeds for _, rules in measured_cells):
+        print(f"note: {table.seeds} seeds a point; races beyond them repeat a seed", flush=True)
     rows = []
-    for spec in args.samplers:
-        measured = measure(table, config, spec, args.budget, args.repeats, args.seed, args.jobs)
+    for spec, rules in measured_cells:
+        measured = measure(table, config, spec, args.budget, args.repeats, args.seed, args.jobs,
+                           rules)
         print("\n".join(markdown(measured).splitlines()[2:]), flush=True)
         rows.extend(measured)
     print(markdown(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
     print("ASHA: rank correlation of val_acc after each epoch with the final val_acc "
           "(Spearman, every run of the searched points):")
     for epoch, rho in rung_correlations(table, config).items():

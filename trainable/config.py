@@ -49,6 +49,8 @@ AUGMENT_ON = Literal["auto", "cpu", "gpu"]
 SCHEDULERS = Literal["fifo", "asha"]
 # Optuna samplers; auto: by the budget, the rule measured in docs/search-range.md
 SAMPLERS = Literal["auto", "tpe", "gp", "qmc", "random"]
+# How the winner is chosen among the evaluated configs (analysis/pick.py, docs/search-range.md)
+PICKS = Literal["observed", "model", "pessimistic"]
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -111,6 +113,13 @@ class SearchConfig:
     num_to_keep: Annotated[Int, Field(ge=1)] = 2
     confirm_seeds: Annotated[Int, Field(ge=0)] | None = None
     confirm_top: Annotated[Int, Field(ge=2)] = 2
+    pick: PICKS = "model"
+    # racing: every `race_every` new trials, the incumbent (under `pick`) runs again on the
+    # next seed of the shared list, up to `max_config_calls` runs of it; reruns count toward
+    # num_samples
+    race: Flag = True
+    max_config_calls: Annotated[Int, Field(ge=1)] = 3
+    race_every: Annotated[Int, Field(ge=1)] = 3
 
 
 @dataclass(frozen=True, config=SECTION)
