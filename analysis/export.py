@@ -67,7 +67,7 @@ def model_card(record: StudyRecord, summary: dict[str, Any], experiment_name: st
     """The model card: the recipe, the data, the winner against the estimate, its figures and
     how far to trust them, what it ran on, and how to run the study again."""
     best, test, trust = summary["best_trial"], summary["test"], summary["trust"]
-    winner = best["config"]["train"]
+    winner, pick = best["config"]["train"], best["pick"]
     data = record.config.data
     spread = trust["confirmation"]
     edge = trust["edge_check"]
@@ -109,8 +109,10 @@ logits = program.module()(images)  # images: torch.uint8, (N, 32, 32, 3)
   times the estimate.
 
 ## Its figures, and how far to trust them
-- Validation accuracy {best['val_acc']:.4f} at epoch {best['best_epoch']} (the figure it was
-  picked on); test accuracy {test['accuracy']:.4f}, measured once.
+- Validation accuracy {best['val_acc']:.4f} at epoch {best['best_epoch']}, observed; on a new
+  seed, estimated {pick['estimated_val_acc']:.4f} +- {pick['estimated_val_acc_se']:.4f}
+  (`search.pick`: {pick['rule']}; {pick['said']}). Test accuracy {test['accuracy']:.4f},
+  measured once.
 - Where it lies in the searched space: {edges}.
 - Seeds: {seeds}.
 

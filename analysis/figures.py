@@ -19,8 +19,8 @@ from trainable.constants import TrialStatus  # noqa: E402
 from trainable.experiment import (  # noqa: E402
     EPOCH,
     METRIC,
+    SEARCH_ROLES,
     SEARCHED,
-    Role,
     without_diverged,
 )
 from trainable.record import SearchSpace  # noqa: E402
@@ -160,7 +160,7 @@ def plot_search_space(table: pd.DataFrame, estimate: float, best: str, space: Se
                       confirmation: dict[str, Any] | None, path: Path) -> None:
     """Best accuracy against each searched setting: the range searched shaded, every search
     trial a dot, the best ringed; confirmed configs as mean +- standard deviation."""
-    search = table[table["role"] == Role.SEARCH]
+    search = table[table["role"].isin(SEARCH_ROLES)]
     peak_lo, peak_hi = space.peak_epoch.range  # integers: shade whole epochs
     ranges = {"max_lr": space.max_lr.range, "peak_epoch": (peak_lo - 0.5, peak_hi + 0.5)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)

@@ -31,14 +31,19 @@ SAMPLER_TITLES = {"tpe": "Optuna TPE", "gp": "Optuna GP", "qmc": "Optuna QMC (So
 
 def _facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
     best = summary["best_trial"]
-    train = best["config"]["train"]
+    train, pick = best["config"]["train"], best["pick"]
     return [
         ("best trial", best["trial_id"]),
         ("test accuracy", f"{summary['test']['accuracy']:.4f} "
                           f"({summary['test']['images']} images)"),
         ("test loss", f"{summary['test']['loss']:.4f}"),
-        (f"best {summary['selected_on']} accuracy",
+        (f"best {summary['selected_on']} accuracy, observed",
          f"{best['val_acc']:.4f} (epoch {best['best_epoch']})"),
+        (f"{summary['selected_on']} accuracy on a new seed, estimated",
+         f"{pick['estimated_val_acc']:.4f} +- {pick['estimated_val_acc_se']:.4f} (seeds "
+         f"{', '.join(map(str, pick['seeds'])) or 'none finished'})"),
+        ("picked by", f"{pick['rule']} (search.pick: {pick['configured']}); "
+                      f"{best['races']} race trials"),
         ("max_lr / peak_epoch", f"{train['max_lr']:.4g} / {train['peak_epoch']}"),
         ("epochs, batch size", f"{train['epochs']}, {train['batch_size']}"),
         ("model", best["config"]["model"]["name"]),
@@ -48,6 +53,12 @@ def _facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
                              summary["trials_by_status"].items())),
         ("sampler", _sampler(summary.get("sampler"))),
     ]
+
+
+def _said(summary: dict[str, Any]) -> str:
+    pick = summary["best_trial"]["pick"]
+    note = f" ({pick['note']})" if pick["note"] else ""
+    return pick["said"] + note
 
 
 def _sampler(sampler: dict[str, Any] | None) -> str:
@@ -118,6 +129,7 @@ def write_index(out: Path, summary: dict[str, Any], table: pd.DataFrame,
 <h2>Summary</h2>
 <table>{facts}</table>
 <h2>How far to trust the winner</h2>
+<p>The winner's {esc(summary['selected_on'])} accuracy: {esc(_said(summary))}.</p>
 {_trust(summary["trust"])}
 <h2>Trials</h2>
 <table><thead><tr>{head}</tr></thead><tbody>{''.join(trial_rows)}</tbody></table>

@@ -28,7 +28,7 @@ MIN_MODEL_RUNS = 5  # finished runs before the model is fitted at all
 MIN_MODEL_CONFIGS = 3
 MIN_LOO_R2 = 0.0  # a leave-one-out fit worse than predicting the mean is poor
 
-Config = tuple[float, int]  # (max_lr, peak_epoch)
+Params = tuple[float, int]  # the searched values: (max_lr, peak_epoch)
 Bounds = tuple[tuple[float, float], tuple[int, int]]  # the searched max_lr and peak ranges
 
 
@@ -44,18 +44,18 @@ class Run:
     label: str = ""  # the trial's id
 
     @property
-    def config(self) -> Config:
-        return config_of(self.max_lr, self.peak_epoch)
+    def params(self) -> Params:
+        return params_of(self.max_lr, self.peak_epoch)
 
 
-def config_of(max_lr: float, peak_epoch: int) -> Config:
+def params_of(max_lr: float, peak_epoch: int) -> Params:
     """A config's key: max_lr to 10 digits, so that a CSV round trip names the same one."""
     return float(f"{max_lr:.10g}"), int(peak_epoch)
 
 
 @dataclass(frozen=True)
 class Pick:
-    config: Config
+    params: Params
     rule: str  # the rule that picked: `observed` where `model` fell back
     observed: float  # the highest val_acc the config's runs reported
     estimate: float  # its val_acc expected on a new seed
@@ -81,9 +81,9 @@ def _finished(runs: Sequence[Run]) -> list[Run]:
 def seed_sd(runs: Sequence[Run]) -> float:
     """The pooled within-config standard deviation of the final val_acc over the configs with
     two or more finished runs; `PRIOR_SEED_SD` before there are any."""
-    by_config: dict[Config, list[float]] = {}
+    by_config: dict[Params, list[float]] = {}
     for run in _finished(runs):
-        by_config.setdefault(run.config, []).append(run.final)
+        by_config.setdefault(run.params, []).append(run.final)
     freedom = sum(len(v) - 1 for v in by_config.values())
     if freedom == 0:
         return PRIOR_SEED_SD
@@ -91,7 +91,7 @@ def seed_sd(runs: Sequence[Run]) -> float:
     return math.sqrt(squares / freedom)
 
 
-def _features(configs: Sequence[Config], bounds: Bounds) -> np.ndarray:
+def _features(configs: Sequence[Params], bounds: Bounds) -> np.ndarray:
     """(log max_lr, peak_epoch), each scaled to [0, 1] over the searched range."""
     (lr_lo, lr_hi), (peak_lo, peak_hi) = bounds
     return np.array([[math.log(lr / lr_lo) / math.log(lr_hi / lr_lo),
@@ -110,16 +110,16 @@ def _gp(kernel=None):
                                     random_state=0)
 
 
-def model_fit(runs: Sequence[Run], bounds: Bounds) -> tuple[dict[Config, tuple[float, float]],
+def model_fit(runs: Sequence[Run], bounds: Bounds) -> tuple[dict[Params, tuple[float, float]],
                                                            str | None]:
     """The GP's posterior mean and its standard deviation (of the mean, not of a seed) at
     every evaluated config; or none and why the fit is not to be used."""
     finished = _finished(runs)
-    configs = list(dict.fromkeys(r.config for r in finished))
+    configs = list(dict.fromkeys(r.params for r in finished))
     if len(finished) < MIN_MODEL_RUNS or len(configs) < MIN_MODEL_CONFIGS:
         return {}, (f"{len(finished)} finished runs of {len(configs)} configs are too few for "
                     f"the model (it needs {MIN_MODEL_RUNS} of {MIN_MODEL_CONFIGS})")
-    x = _features([r.config for r in finished], bounds)
+    x = _features([r.params for r in finished], bounds)
     y = np.array([r.final for r in finished])
     if np.ptp(y) == 0:
         return {}, "every finished run scored the same: nothing to model"
@@ -150,11 +150,11 @@ def pick(runs: Sequence[Run], rule: str, bounds: Bounds) -> Pick | None:
         return None
     finished = _finished(runs)
     sd = seed_sd(runs)
-    by_config: dict[Config, list[Run]] = {}
+    by_config: dict[Params, list[Run]] = {}
     for run in runs:
-        by_config.setdefault(run.config, []).append(run)
+        by_config.setdefault(run.params, []).append(run)
 
-    def summary(config: Config, rule: str, estimate: float | None = None,
+    def summary(config: Params, rule: str, estimate: float | None = None,
                 estimate_se: float | None = None, note: str | None = None) -> Pick:
         mine = by_config[config]
         finals = [r.final for r in mine if r.final is not None]
@@ -172,7 +172,7 @@ def pick(runs: Sequence[Run], rule: str, bounds: Bounds) -> Pick | None:
             best = max(fitted, key=lambda c: fitted[c][0])
             return summary(best, "model", *fitted[best])
     if rule == "pessimistic" and finished:
-        def score(config: Config) -> float:
+        def score(config: Params) -> float:
             finals = [r.final for r in by_config[config] if r.final is not None]
             return np.mean(finals) - PESSIMISM * sd / math.sqrt(len(finals)) if finals \
                 else -math.inf
@@ -180,13 +180,13 @@ def pick(runs: Sequence[Run], rule: str, bounds: Bounds) -> Pick | None:
     if rule != "observed" and note is None:
         note = "no run has finished"
     best_run = max(runs, key=lambda r: r.best)  # ties: the earlier run
-    return summary(best_run.config, "observed",
+    return summary(best_run.params, "observed",
                    note=None if note is None else f"{rule}: {note}; picked by observed")
 
 
-def next_race(runs: Sequence[Run], in_flight: Sequence[tuple[Config, int]], since_race: int,
+def next_race(runs: Sequence[Run], in_flight: Sequence[tuple[Params, int]], since_race: int,
               rule: str, bounds: Bounds, max_config_calls: int, race_every: int,
-              base_seed: int) -> tuple[Config, int] | None:
+              base_seed: int) -> tuple[Params, int] | None:
     """The incumbent (under `rule`) and the seed to run it on next, when a race is due: once
     `race_every` new trials have been asked since the last race, and the incumbent has fewer
     than `max_config_calls` runs, finished or in flight. Its seed is the first of the shared
@@ -194,8 +194,8 @@ def next_race(runs: Sequence[Run], in_flight: Sequence[tuple[Config, int]], sinc
     if since_race < race_every or not _finished(runs):
         return None
     incumbent = pick(runs, rule, bounds)
-    taken = {r.seed for r in runs if r.config == incumbent.config} | \
-        {seed for config, seed in in_flight if config == incumbent.config}
+    taken = {r.seed for r in runs if r.params == incumbent.params} | \
+        {seed for params, seed in in_flight if params == incumbent.params}
     if len(taken) >= max_config_calls:
         return None
-    return incumbent.config, next(base_seed + k for k in count(1) if base_seed + k not in taken)
+    return incumbent.params, next(base_seed + k for k in count(1) if base_seed + k not in taken)

@@ -34,7 +34,8 @@ from analysis.export import (
     write_config,
 )
 from analysis.html import write_index
-from analysis.results import Trial, best_trial, load_trials, trial_table
+from analysis.pick import Pick
+from analysis.results import Trial, load_trials, trial_table, winner
 from analysis.trust import edge_check, seed_spread
 from trainable.checkpoint import load_checkpoint
 from trainable.config import Config, from_dict
@@ -48,6 +49,7 @@ from trainable.experiment import (
     METRIC,
     OPTUNA_DB,
     REPORT_DIR,
+    SEARCH_ROLES,
     STUDY_JSON,
     TUNE_STATE,
     Folder,
@@ -199,6 +201,7 @@ class Study:
     table: pd.DataFrame  # results.csv's rows
     best: Trial
     best_row: pd.Series
+    pick: Pick  # how search.pick chose its config, and its estimate on a new seed
     state: dict[str, Any]  # the best trial's best checkpoint
     config: Config  # the best trial's, with the data folder given to the report
     splits: Splits
@@ -218,9 +221,10 @@ def _load_study(experiment: Folder, data_dir: str | None) -> Study:
     base = record.config
     trials = load_trials(experiment, base)
     table = trial_table(trials)
-    best_row = best_trial(table)
-    if best_row is None:
+    found = winner(table, base.search, record.search_space)
+    if found is None:
         raise ReportError(f"{experiment}: no completed trial with a checkpoint to report on")
+    best_row, chosen = found
     best = next(t for t in trials if t.trial_id == best_row["trial_id"])
     checkpoint = Folder.at(best.checkpoint)
     if not checkpoint.is_file(CHECKPOINT_FILE):
@@ -238,8 +242,8 @@ def _load_study(experiment: Folder, data_dir: str | None) -> Study:
     evaluation = evaluate_test(model, splits.test, len(splits.classes), runtime,
                                config.train.batch_size)
     lr_finder = json.loads(experiment.read_text(LR_FINDER_JSON))
-    return Study(experiment, trials, table, best, best_row, state, config, splits, model,
-                 runtime, evaluation, lr_finder, record)
+    return Study(experiment, trials, table, best, best_row, chosen, state, config, splits,
+                 model, runtime, evaluation, lr_finder, record)
 
 
 def _original_figures(study: Study, path: dict[str, Path]) -> list[int]:
@@ -301,6 +305,7 @@ def _summary(study: Study, importances: dict[str, float] | str, sampler: Sampler
              trust: dict[str, Any], figure_files: list[str]) -> dict[str, Any]:
     splits, evaluation, classes = study.splits, study.evaluation, study.splits.classes
     history = _all_epochs(study.best, study.state)
+    pick = study.pick
     return {
         "experiment": study.experiment.name,
         "selected_on": "test" if splits.val_is_test else "val",
@@ -310,7 +315,14 @@ def _summary(study: Study, importances: dict[str, float] | str, sampler: Sampler
         "best_trial": {"trial_id": study.best.trial_id,
                        "best_epoch": int(history.loc[history[METRIC].idxmax(), EPOCH]),
                        "val_acc": float(study.best_row["best_val_acc"]),
-                       "checkpoint": study.best.checkpoint, "config": study.state["config"]},
+                       "checkpoint": study.best.checkpoint, "config": study.state["config"],
+                       "pick": {"rule": pick.rule, "configured": study.record.config.search.pick,
+                                "observed_val_acc": pick.observed,
+                                "estimated_val_acc": pick.estimate,
+                                "estimated_val_acc_se": pick.estimate_se,
+                                "seeds": list(pick.seeds), "note": pick.note,
+                                "said": pick.sentence()},
+                       "races": int((study.table["role"] == Role.RACE).sum())},
         "test": {"accuracy": evaluation.accuracy, "loss": evaluation.loss,
                  "images": int(len(splits.test.labels))},
         "per_class_accuracy": {c: float(a) for c, a in
@@ -320,7 +332,7 @@ def _summary(study: Study, importances: dict[str, float] | str, sampler: Sampler
         "wall_time": {"estimated_s": study.record.cost_estimate.study_s,
                       "actual_s": study.record.wall_s if study.record.finished else None},
         "trials_by_status": {k: int(v) for k, v in
-                             study.table.loc[study.table["role"] == Role.SEARCH, "status"]
+                             study.table.loc[study.table["role"].isin(SEARCH_ROLES), "status"]
                              .value_counts().items()},
         "sampler": None if sampler is None else sampler.model_dump(mode="json"),
         "trust": trust,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import ray.train
@@ -14,7 +14,8 @@ from pyarrow.fs import FileType
 from ray import tune
 from ray.tune.experiment import Trial as TuneTrial
 
-from trainable.config import Config
+from analysis.pick import Pick, Run, params_of, pick
+from trainable.config import Config, SearchConfig
 from trainable.constants import TrialStatus
 from trainable.experiment import (
     CONFIRM_DIR,
@@ -22,7 +23,9 @@ from trainable.experiment import (
     EPOCH,
     METRIC,
     MODE,
+    RACES,
     RESULTS_CSV,
+    SEARCH_ROLES,
     SEARCHED,
     STARTUP_S,
     TRAIN_RUNS,
@@ -30,21 +33,23 @@ from trainable.experiment import (
     Folder,
     Role,
     one_per_epoch,
+    role_of,
     train_run_name,
     trial_id_of_folder,
     without_diverged,
 )
+from trainable.record import SearchSpace
 
 COLUMNS = ["trial_id", "role", "confirms", "seed", "status", "max_lr", "peak_epoch",
            "epochs_run", "best_val_acc", "final_val_acc", "val_loss", "train_loss", "wall_s",
-           STARTUP_S, "train_s", "val_s", "checkpoint"]
+           STARTUP_S, "train_s", "val_s", "config_seeds", "config_mean_val_acc", "checkpoint"]
 
 
 @dataclass(frozen=True)
 class Trial:
     trial_id: str
     role: Role
-    confirms: str | None  # a confirmation run: the search trial whose config it runs again
+    confirms: str | None  # a race or confirmation run: the trial whose config it runs again
     seed: int  # train.seed
     status: str  # a TrialStatus, or Tune's own for an interrupted trial (PENDING, ...)
     config: dict  # the searched values
@@ -114,7 +119,8 @@ def _load_experiment(tune_dir: Folder, experiment: Folder, config: Config,
             status = status_of.get(trial_id, "UNKNOWN")  # interrupted: PENDING, RUNNING, ...
         params = dict(result.config or {})
         point = params.get("confirm", params)
-        trials.append(Trial(trial_id, role, point.get("confirms"),
+        trials.append(Trial(trial_id, role_of(params, role),
+                            point.get("confirms", params.get(RACES)),
                             point.get("seed", config.train.seed),
                             status, {k: point.get(k) for k in SEARCHED}, history,
                             _best_checkpoint(result, experiment, trial_id)))
@@ -152,7 +158,16 @@ def trial_table(trials: list[Trial]) -> pd.DataFrame:
             "val_s": h["val_s"].sum() if "val_s" in h else math.nan,
             "checkpoint": trial.checkpoint,
         })
-    return pd.DataFrame(rows, columns=COLUMNS)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    # each config's finished runs, whatever made them: their seeds and mean final val_acc
+    runs = runs_of(table)
+    for row in table.itertuples():
+        mine = [r for r in runs if r.params == params_of(row.max_lr, row.peak_epoch)
+                and r.final is not None]
+        table.loc[row.Index, "config_seeds"] = " ".join(str(r.seed) for r in mine)
+        table.loc[row.Index, "config_mean_val_acc"] = \
+            sum(r.final for r in mine) / len(mine) if mine else math.nan
+    return table
 
 
 def write_results(experiment: Folder, trials: list[Trial]) -> pd.DataFrame:
@@ -163,17 +178,47 @@ def write_results(experiment: Folder, trials: list[Trial]) -> pd.DataFrame:
     return table
 
 
-def best_trial(table: pd.DataFrame) -> pd.Series | None:
-    """The search trial with the highest best val_acc (ties: fewer epochs), among those
-    neither DIVERGED nor ERROR and with a checkpoint; None when there is none."""
+def runs_of(table: pd.DataFrame) -> list[Run]:
+    """Every run in the table that reported an epoch (ERROR ones aside), search, race and
+    confirmation alike: finished when COMPLETED (its final val_acc) or DIVERGED (0.0)."""
+    runs = []
+    for row in table.itertuples():
+        diverged = row.status == TrialStatus.DIVERGED
+        if row.status == TrialStatus.ERROR or (math.isnan(row.best_val_acc) and not diverged):
+            continue
+        final = 0.0 if diverged else row.final_val_acc if row.status == TrialStatus.COMPLETED \
+            else None
+        runs.append(Run(float(row.max_lr), int(row.peak_epoch), int(row.seed),
+                        0.0 if math.isnan(row.best_val_acc) else float(row.best_val_acc),
+                        None if final is None else float(final), row.trial_id))
+    return runs
+
+
+def winner(table: pd.DataFrame, search: SearchConfig,
+           space: SearchSpace) -> tuple[pd.Series, Pick] | None:
+    """The config `search.pick` picks, and its search or race trial to export: the one with
+    the highest best val_acc (ties: fewer epochs) among those neither DIVERGED nor ERROR and
+    with a checkpoint. None when there is none."""
     ranked = ranked_search_trials(table)
-    return None if ranked.empty else ranked.iloc[0]
+    if ranked.empty:
+        return None
+    bounds = (space.max_lr.range, space.peak_epoch.range)
+    chosen = pick(runs_of(table), search.pick, bounds)
+    mine = ranked[[params_of(r.max_lr, r.peak_epoch) == chosen.params
+                   for r in ranked.itertuples()]]
+    if mine.empty:  # the rule's config kept no checkpoint: the raw best that did
+        first = ranked.iloc[0]
+        runs = [r for r in runs_of(table) if r.params == params_of(first.max_lr,
+                                                                    first.peak_epoch)]
+        return first, replace(pick(runs, "observed", bounds), note=(
+            f"{search.pick}: its pick kept no checkpoint; picked by observed"))
+    return mine.iloc[0], chosen
 
 
 def ranked_search_trials(table: pd.DataFrame) -> pd.DataFrame:
     """The search's trials that can be selected, best first. Confirmation runs are not
     candidates: a seed that happens to do well is no reason to pick a config."""
     failed = table["status"].isin([TrialStatus.DIVERGED, TrialStatus.ERROR])
-    eligible = table[(table["role"] == Role.SEARCH) & ~failed & table["checkpoint"].notna()
+    eligible = table[table["role"].isin(SEARCH_ROLES) & ~failed & table["checkpoint"].notna()
                      & table["best_val_acc"].notna()]
     return eligible.sort_values(["best_val_acc", "epochs_run"], ascending=[False, True])

@@ -23,7 +23,7 @@ import ray
 from analysis.export import CARD_FILE, MODEL_DIR
 from analysis.figures import plot_lr_finder
 from analysis.report import SUMMARY_JSON, build_report, sampler_draws, where
-from analysis.results import best_trial, load_trials, write_results
+from analysis.results import load_trials, winner, write_results
 from analysis.trust import edge_check, seed_spread
 from study import cost, tracking
 from study.cluster import dashboard_line, start_ray
@@ -34,7 +34,13 @@ from study.search import (
     make_confirm_tuner,
     make_tuner,
 )
-from study.space import asha_warning, choose_sampler, describe_sampler, search_space
+from study.space import (
+    asha_warning,
+    choose_sampler,
+    describe_sampler,
+    race_warning,
+    search_space,
+)
 from study.tracking import TrackTrials
 from study.trial import make_trainable
 from trainable.config import Config
@@ -45,13 +51,14 @@ from trainable.experiment import (
     LR_FINDER_PNG,
     REPORT_DIR,
     RESULTS_CSV,
+    SEARCH_ROLES,
     STUDY_JSON,
     Folder,
     Role,
 )
 from trainable.loop import steps_per_epoch
 from trainable.lr_range import range_test
-from trainable.record import Confirmation, Estimate, Seeds, StudyRecord
+from trainable.record import Confirmation, Estimate, SearchSpace, Seeds, StudyRecord
 
 if TYPE_CHECKING:
     from study.mlflow_runs import Tracker
@@ -185,9 +192,9 @@ def record_results(study: Study) -> pd.DataFrame:
     return table
 
 
-def all_ended(table: pd.DataFrame, role: Role, expected: int) -> bool:
-    """Whether all `expected` trials of this role are in the table, each ended."""
-    rows = table[table["role"] == role]
+def all_ended(table: pd.DataFrame, roles: tuple[Role, ...], expected: int) -> bool:
+    """Whether all `expected` trials of these roles are in the table, each ended."""
+    rows = table[table["role"].isin(roles)]
     return len(rows) == expected and bool(rows["status"].isin(ENDED).all())
 
 
@@ -195,15 +202,16 @@ def run_search(study: Study, trainable) -> tuple[pd.DataFrame, bool]:
     """The search's trials: the table of them, and whether they all ended."""
     config, plan = study.config, study.plan
     print(describe_sampler(study.record.sampler, config.search.num_samples), flush=True)
-    if (warning := asha_warning(config)) is not None:
-        print(f"warning: {warning}", flush=True)
+    for warning in (asha_warning(config), race_warning(config)):
+        if warning is not None:
+            print(f"warning: {warning}", flush=True)
     search = config.search
     time_left = cost.TimeLeft(study.estimate, search.num_samples,
                               later=search.confirm_top * search.confirm_seeds)
     make_tuner(config, plan.experiment, plan.resume, trainable, study.record.search_space,
                study.bound.resources.local, [time_left, TrackTrials(Role.SEARCH)]).fit()
     table = record_results(study)
-    finished = all_ended(table, Role.SEARCH, search.num_samples)
+    finished = all_ended(table, SEARCH_ROLES, search.num_samples)
     if finished:
         close_orphaned_optuna_trials(plan.experiment)
         study.save(sampler=sampler_draws(plan.experiment, study.record.sampler)
@@ -227,7 +235,7 @@ def run_confirmation(study: Study, trainable, table: pd.DataFrame) -> tuple[pd.D
                        [cost.TimeLeft(study.estimate, len(points)),
                         TrackTrials(Role.CONFIRM)]).fit()
     table = record_results(study)
-    return table, all_ended(table, Role.CONFIRM, len(points))
+    return table, all_ended(table, (Role.CONFIRM,), len(points))
 
 
 def resume_command(plan: Plan) -> str:
@@ -281,28 +289,39 @@ def said_result(plan: Plan) -> bool:
     table = pd.read_csv(io.StringIO(experiment.read_text(RESULTS_CSV)),
                         dtype={"trial_id": str, "confirms": str})
     print(f"{experiment}: finished earlier, {len(table)} trials; nothing to run", flush=True)
-    best = best_trial(table)
-    if best is not None:
-        print(f"best trial {best['trial_id']}: val_acc {best['best_val_acc']:.4f}, max_lr "
-              f"{best['max_lr']:.4g}, peak_epoch {int(best['peak_epoch'])}", flush=True)
+    say_winner(table, plan.config, read_record(experiment).search_space)
     if plan.report:
         print("\n".join(where(report)), flush=True)
     return True
 
 
+def say_winner(table: pd.DataFrame, config: Config, space: SearchSpace, so_far: str = "",
+               scope: str = "") -> pd.Series | None:
+    """The winner's line (and why its rule fell back, if it did); the winner's row, with how
+    it was picked (`pick`, `estimated_val_acc`, `estimated_val_acc_se`)."""
+    found = winner(table, config.search, space)
+    if found is None:
+        return None
+    best, chosen = found
+    races = int((table["role"] == Role.RACE).sum())
+    print(f"best trial{so_far} {best['trial_id']} (pick: {chosen.rule}; {races} of "
+          f"{int(table['role'].isin(SEARCH_ROLES).sum())} search trials were races): max_lr "
+          f"{best['max_lr']:.4g}, peak_epoch {int(best['peak_epoch'])}{scope}; "
+          f"{chosen.sentence()}", flush=True)
+    if chosen.note is not None:
+        print(f"note: {chosen.note}", flush=True)
+    return pd.concat([best, pd.Series({"pick": chosen.rule, "estimated_val_acc": chosen.estimate,
+                                       "estimated_val_acc_se": chosen.estimate_se})])
+
+
 def conclude(study: Study, table: pd.DataFrame, finished: bool, total: int) -> int:
     """The trials, the best, how far to trust it, and the report; or the resume command."""
     print(table.to_string(index=False), flush=True)
-    best = best_trial(table)
     so_far = "" if finished else " so far"
+    scope = " (selected on the test set: data.val_size=0)" if study.splits.val_is_test else ""
+    best = say_winner(table, study.config, study.record.search_space, so_far, scope)
     if best is None:
         print(f"no trial{so_far} completed an epoch without diverging or failing", flush=True)
-    else:
-        scope = " (selected on the test set: data.val_size=0)" if study.splits.val_is_test \
-            else ""
-        print(f"best trial{so_far} {best['trial_id']}: val_acc {best['best_val_acc']:.4f}"
-              f"{scope}, max_lr {best['max_lr']:.4g}, peak_epoch {int(best['peak_epoch'])}",
-              flush=True)
     if not finished:
         return interrupted(study.plan, int(table["status"].isin(ENDED).sum()), total)
     if best is not None:

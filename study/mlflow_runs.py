@@ -188,8 +188,12 @@ class Tracker:
         if best is not None:
             self._log_params(run_id, {"winner": best["trial_id"],
                                       "winner_max_lr": best["max_lr"],
-                                      "winner_peak_epoch": int(best["peak_epoch"])})
-            metrics = [Metric("winner_val_acc", float(best["best_val_acc"]), 0, 0)]
+                                      "winner_peak_epoch": int(best["peak_epoch"]),
+                                      "winner_pick": best["pick"]})
+            # observed: the highest val_acc its runs reported; estimated: on a new seed
+            metrics = [Metric("winner_val_acc", float(best["best_val_acc"]), 0, 0),
+                       Metric("winner_estimated_val_acc", best["estimated_val_acc"], 0, 0),
+                       Metric("winner_estimated_val_acc_se", best["estimated_val_acc_se"], 0, 0)]
             if summary is not None:
                 metrics.append(Metric("winner_test_acc", summary["test"]["accuracy"], 0, 0))
             self._call("logging the winner", lambda: self.client.log_batch(run_id, metrics))

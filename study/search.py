@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
+from itertools import count
 from typing import Any
 
 import optuna
@@ -13,8 +15,9 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from analysis.pick import Bounds, Params, Run, next_race, params_of
 from analysis.results import ranked_search_trials
-from study.space import choose_sampler, first_point
+from study.space import choose_sampler, first_point, races
 from study.trial import DivergenceStopper
 from trainable.config import Config
 from trainable.experiment import (
@@ -24,7 +27,9 @@ from trainable.experiment import (
     METRIC,
     MODE,
     OPTUNA_DB,
+    RACES,
     Folder,
+    Role,
     optuna_db,
     optuna_url,
     trial_folder,
@@ -36,6 +41,18 @@ from trainable.record import ConfirmPoint, Sampler, SearchSpace
 # is cheap (docs/performance.md). The user's own setting wins.
 TUNE_STATE_PERIOD = ("TUNE_GLOBAL_CHECKPOINT_S", "1")
 TUNE_TRIAL_ID = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial
+ROLE_ATTR, SEED_ATTR = "role", "seed"  # a race's Optuna user attributes
+
+
+@dataclass(frozen=True)
+class Racing:
+    """`search.race` as the searcher runs it (analysis.pick.next_race)."""
+
+    rule: str  # search.pick
+    bounds: Bounds  # the searched max_lr and peak epoch ranges
+    max_config_calls: int
+    race_every: int
+    base_seed: int  # train.seed: every search trial's; races take the next ones
 
 
 def tune_space(space: SearchSpace) -> dict[str, Any]:
@@ -66,18 +83,68 @@ class StudySearch(OptunaSearch):
     COMPLETE with its cut-off value, so TPE would rank epoch 2 against full runs. A diverged
     trial stays COMPLETE with its finite 0.0, ranked last."""
 
-    def __init__(self, *args, epochs: int, **kwargs):
+    def __init__(self, *args, epochs: int, racing: Racing | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.epochs = epochs
+        self.racing = racing
         self.reported: dict[str, set[int]] = {}  # epochs told, per trial: each once
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        """Ray's suggestion, its Optuna trial named after the Tune trial (the user attribute
-        `TUNE_TRIAL_ID`): the sampler may suggest one point twice, so values name neither."""
+        """Ray's suggestion, or a race of the incumbent when one is due; its Optuna trial
+        named after the Tune trial (the user attribute `TUNE_TRIAL_ID`): the sampler may
+        suggest one point twice, so values name neither."""
+        if trial_id not in self._ot_trials and (race := self._due_race()) is not None:
+            return race(trial_id)
         suggested = super().suggest(trial_id)
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
         return suggested
+
+    def _due_race(self):
+        """The race to run next, as a function of the Tune trial's id; None when none is due.
+        Read from the Optuna study, which outlives a killed driver."""
+        if self.racing is None:
+            return None
+        runs, in_flight, since_race, first_of = self._runs()
+        racing = self.racing
+        raced = next_race(runs, in_flight, since_race, racing.rule, racing.bounds,
+                          racing.max_config_calls, racing.race_every, racing.base_seed)
+        if raced is None:
+            return None
+        (max_lr, peak_epoch), seed = raced
+        params = {"max_lr": max_lr, "peak_epoch": peak_epoch}
+
+        def race(trial_id: str) -> dict[str, Any]:
+            self._ot_study.enqueue_trial(params, user_attrs={ROLE_ATTR: Role.RACE.value,
+                                                             SEED_ATTR: seed,
+                                                             TUNE_TRIAL_ID: trial_id})
+            self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=self._space)
+            return {**params, "seed": seed, RACES: first_of[raced[0]]}
+        return race
+
+    def _runs(self) -> tuple[list[Run], list[tuple[Params, int]], int,
+                             dict[Params, str]]:
+        """From the Optuna study: the ended runs, the configs and seeds in flight, the trials
+        asked since the last race, and each config's first Tune trial."""
+        states = optuna.trial.TrialState
+        runs, in_flight, since_race, first_of = [], [], 0, {}
+        for trial in self._ot_study.get_trials(deepcopy=False):
+            if trial.state in (states.WAITING, states.FAIL) or not trial.params:
+                continue
+            config = params_of(trial.params["max_lr"], trial.params["peak_epoch"])
+            first_of.setdefault(config, trial.user_attrs.get(TUNE_TRIAL_ID, ""))
+            seed = trial.user_attrs.get(SEED_ATTR, self.racing.base_seed)
+            race = trial.user_attrs.get(ROLE_ATTR) == Role.RACE
+            since_race = 0 if race else since_race + 1
+            if trial.state == states.RUNNING:
+                in_flight.append((config, seed))
+                continue
+            scores = list(trial.intermediate_values.values())
+            final = trial.value if trial.state == states.COMPLETE else None
+            if scores or final is not None:
+                runs.append(Run(*config, seed, max(scores or [final]), final,
+                                trial.user_attrs.get(TUNE_TRIAL_ID, "")))
+        return runs, in_flight, since_race, first_of
 
     def _report(self, trial_id: str, result: dict[str, Any]) -> None:
         told = self.reported.setdefault(trial_id, set())
@@ -104,12 +171,23 @@ class StudySearch(OptunaSearch):
 
 def confirmation_points(table: pd.DataFrame, config: Config) -> tuple[ConfirmPoint, ...]:
     """The search's best `search.confirm_top` configs, each with `search.confirm_seeds` more
-    seeds (after the study's own, which their search trials ran with)."""
+    seeds: the next of the shared list (`train.seed` + 1, + 2, ...) that its search trial and
+    races have not run on."""
     search, seed = config.search, config.train.seed
-    top = ranked_search_trials(table).head(search.confirm_top)
-    return tuple(ConfirmPoint(max_lr=float(row["max_lr"]), peak_epoch=int(row["peak_epoch"]),
-                              seed=seed + extra, confirms=row["trial_id"])
-                 for _, row in top.iterrows() for extra in range(1, search.confirm_seeds + 1))
+    ranked = ranked_search_trials(table)
+    params = [params_of(m, p) for m, p in zip(ranked["max_lr"], ranked["peak_epoch"],
+                                              strict=True)]
+    top = ranked[~pd.Series(params, index=ranked.index).duplicated()].head(search.confirm_top)
+    points = []
+    for _, row in top.iterrows():
+        mine = params_of(row["max_lr"], row["peak_epoch"])
+        taken = {int(s) for s, m, p in zip(table["seed"], table["max_lr"], table["peak_epoch"],
+                                           strict=True) if params_of(m, p) == mine}
+        free = (seed + k for k in count(1) if seed + k not in taken)
+        points += [ConfirmPoint(max_lr=float(row["max_lr"]), peak_epoch=int(row["peak_epoch"]),
+                                seed=next(free), confirms=row["trial_id"])
+                   for _ in range(search.confirm_seeds)]
+    return tuple(points)
 
 
 class OptunaCopy(tune.Callback):
@@ -181,6 +259,9 @@ def make_tuner(config: Config, experiment: Folder, resume: bool, trainable, spac
         points_to_evaluate=[first_point(config, space)], study_name=experiment.name,
         sampler=make_sampler(choose_sampler(config), config.train.seed),
         storage=optuna.storages.RDBStorage(optuna_url(experiment)), epochs=config.train.epochs,
+        racing=Racing(search.pick, (space.max_lr.range, space.peak_epoch.range),
+                      search.max_config_calls, search.race_every, config.train.seed)
+        if races(config) else None,
     )
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.epochs,

@@ -95,6 +95,20 @@ def asha_warning(config: Config) -> str | None:
             "(docs/search-range.md)")
 
 
+def race_warning(config: Config) -> str | None:
+    """Racing in a study too small for it: it would spend most of its trials on reruns."""
+    search = config.search
+    if not search.race or search.num_samples > search.max_config_calls:
+        return None
+    return (f"search.race: {search.num_samples} trials are too few to race (it needs "
+            f"search.max_config_calls + 1 = {search.max_config_calls + 1}); this study does not")
+
+
+def races(config: Config) -> bool:
+    """Whether the study races its incumbent (`search.race`, in a study large enough)."""
+    return config.search.race and race_warning(config) is None
+
+
 def default_confirm_seeds(gpus_per_worker: float) -> int:
     """More seeds for the top configs when trials get a GPU (there each costs minutes);
     none on CPUs, where each costs hours (docs/search-range.md): `--confirm-seeds` asks."""

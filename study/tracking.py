@@ -10,7 +10,7 @@ from typing import Protocol
 
 from ray import tune
 
-from trainable.experiment import Role
+from trainable.experiment import Role, role_of
 
 
 class EpochTracker(Protocol):
@@ -44,6 +44,7 @@ class TrackTrials(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info):
         if _ACTIVE:
             params = dict(trial.config or {})
-            _ACTIVE[-1].epoch(trial.trial_id, params.get("confirm", params), self.role, result)
+            _ACTIVE[-1].epoch(trial.trial_id, params.get("confirm", params),
+                              role_of(params, self.role), result)
 
 

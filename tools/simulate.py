@@ -179,7 +179,7 @@ def simulate(table: Table, config: Config, choice: Sampler, budgets: list[int], 
     since_race = 0
     while len(runs) < max(budgets) or in_flight:
         while len(runs) < max(budgets) and len(in_flight) < config.search.max_concurrent:
-            raced = next_race(finished, [(r.config, r.seed) for *_, r in in_flight],
+            raced = next_race(finished, [(r.params, r.seed) for *_, r in in_flight],
                               since_race, rules.picks[0], bounds, rules.max_config_calls,
                               rules.race_every, base_seed) if rules.race else None
             if raced is not None:
@@ -204,7 +204,7 @@ def simulate(table: Table, config: Config, choice: Sampler, budgets: list[int], 
             trial.report(float(val_acc), epoch)
         study.tell(trial, float(curve[-1]))
         finished.append(run)
-    return {rule: [table.nearest(*pick(runs[:budget], rule, bounds).config)
+    return {rule: [table.nearest(*pick(runs[:budget], rule, bounds).params)
                    for budget in budgets] for rule in rules.picks}
 
 

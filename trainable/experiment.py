@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow
 import pyarrow.fs
@@ -81,7 +81,17 @@ class Role(StrEnum):
     """What a trial was for, in results.csv."""
 
     SEARCH = "search"  # suggested by the search
-    CONFIRM = "confirm"  # a search trial's config again, with another seed
+    RACE = "race"  # the incumbent's config again, on the next seed, within the search
+    CONFIRM = "confirm"  # a search trial's config again, with another seed, after the search
+
+
+RACES = "races"  # a race's Tune param: the trial whose config it runs again
+SEARCH_ROLES = (Role.SEARCH, Role.RACE)  # the search experiment's trials
+
+
+def role_of(params: dict[str, Any], role: Role) -> Role:
+    """A trial's role, from its Tune params, in an experiment of `role`'s."""
+    return Role.RACE if RACES in params else role
 
 
 @contextlib.contextmanager
