@@ -70,7 +70,9 @@ def _sampler(sampler: dict[str, Any] | None) -> str:
     else:
         chosen = (f"{draws['startup']} random startup draws, {draws['model']} from its model "
                   f"(startup: the first {sampler['startup_trials']} finished)")
-    return f"{SAMPLER_TITLES[sampler['name']]}: {draws['first_point']} first point, {chosen}"
+    races = f"; {draws['races']} races of the incumbent" if draws["races"] else ""
+    return (f"{SAMPLER_TITLES[sampler['name']]}: {draws['first_point']} first point, "
+            f"{chosen}{races}")
 
 
 def _trust(trust: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from itertools import count
 
 import numpy as np
+from scipy.stats import spearmanr
 
 PESSIMISM = 1.0  # c in mean - c * SE
 # val_acc's standard deviation over seeds of one config, before a study has two seeds of any:
@@ -26,7 +27,10 @@ PESSIMISM = 1.0  # c in mean - c * SE
 PRIOR_SEED_SD = 0.01
 MIN_MODEL_RUNS = 5  # finished runs before the model is fitted at all
 MIN_MODEL_CONFIGS = 3
-MIN_LOO_R2 = 0.0  # a leave-one-out fit worse than predicting the mean is poor
+# The model's fit is poor when its leave-one-out predictions rank the held-out runs no better
+# than this (Spearman); a coefficient of determination would call a good model poor wherever
+# the seed noise is large, which is where the model is needed.
+MIN_LOO_RANK_CORRELATION = 0.3
 
 Params = tuple[float, int]  # the searched values: (max_lr, peak_epoch)
 Bounds = tuple[tuple[float, float], tuple[int, int]]  # the searched max_lr and peak ranges
@@ -94,7 +98,7 @@ def seed_sd(runs: Sequence[Run]) -> float:
 def _features(configs: Sequence[Params], bounds: Bounds) -> np.ndarray:
     """(log max_lr, peak_epoch), each scaled to [0, 1] over the searched range."""
     (lr_lo, lr_hi), (peak_lo, peak_hi) = bounds
-    return np.array([[math.log(lr / lr_lo) / math.log(lr_hi / lr_lo),
+    return np.array([[math.log(lr / lr_lo) / max(math.log(lr_hi / lr_lo), 1e-9),
                       (peak - peak_lo) / max(peak_hi - peak_lo, 1)] for lr, peak in configs])
 
 
@@ -118,7 +122,7 @@ def model_fit(runs: Sequence[Run], bounds: Bounds) -> tuple[dict[Params, tuple[f
     configs = list(dict.fromkeys(r.params for r in finished))
     if len(finished) < MIN_MODEL_RUNS or len(configs) < MIN_MODEL_CONFIGS:
         return {}, (f"{len(finished)} finished runs of {len(configs)} configs are too few for "
-                    f"the model (it needs {MIN_MODEL_RUNS} of {MIN_MODEL_CONFIGS})")
+                    f"the model (it needs {MIN_MODEL_RUNS} runs of {MIN_MODEL_CONFIGS})")
     x = _features([r.params for r in finished], bounds)
     y = np.array([r.final for r in finished])
     if np.ptp(y) == 0:
@@ -133,10 +137,10 @@ def model_fit(runs: Sequence[Run], bounds: Bounds) -> tuple[dict[Params, tuple[f
             predicted[i] = _gp(gp.kernel_).fit(x[keep], y[keep]).predict(x[i:i + 1])[0]
             keep[i] = True
         mean, sd = gp.predict(_features(configs, bounds), return_std=True)
-    r2 = 1 - float(np.sum((y - predicted) ** 2) / np.sum((y - y.mean()) ** 2))
-    if r2 < MIN_LOO_R2:
-        return {}, (f"the model's leave-one-out fit is poor (R2 {r2:.2f} over "
-                    f"{len(y)} runs)")
+    ranks = spearmanr(predicted, y).statistic
+    if not ranks >= MIN_LOO_RANK_CORRELATION:  # NaN: predictions all equal
+        return {}, (f"the model's leave-one-out fit is poor (its predictions rank the held-out "
+                    f"runs at {ranks:.2f}, Spearman, over {len(y)} runs)")
     # the prediction's SD includes the learned noise of one seed: take it out
     noise = gp.kernel_.k2.noise_level * float(np.std(y)) ** 2
     latent = np.sqrt(np.maximum(sd ** 2 - noise, 0.0))
@@ -187,15 +191,20 @@ def pick(runs: Sequence[Run], rule: str, bounds: Bounds) -> Pick | None:
 def next_race(runs: Sequence[Run], in_flight: Sequence[tuple[Params, int]], since_race: int,
               rule: str, bounds: Bounds, max_config_calls: int, race_every: int,
               base_seed: int) -> tuple[Params, int] | None:
-    """The incumbent (under `rule`) and the seed to run it on next, when a race is due: once
-    `race_every` new trials have been asked since the last race, and the incumbent has fewer
-    than `max_config_calls` runs, finished or in flight. Its seed is the first of the shared
-    list (`base_seed` + 1, + 2, ...) that it has not run on."""
-    if since_race < race_every or not _finished(runs):
+    """The incumbent (under `rule`) and the seed to run it on next, when a race is due (None
+    when not). Counting each config's runs, finished or in flight, up to `max_config_calls`:
+    at once when the incumbent has fewer than another config has (as in SMAC, a challenger
+    matches the incumbent's seeds before it replaces it for good); else once `race_every` new
+    trials have been asked since the last race. Its seed is the first of the shared list
+    (`base_seed` + 1, + 2, ...) that it has not run on."""
+    if not _finished(runs):
         return None
     incumbent = pick(runs, rule, bounds)
-    taken = {r.seed for r in runs if r.params == incumbent.params} | \
-        {seed for params, seed in in_flight if params == incumbent.params}
-    if len(taken) >= max_config_calls:
+    seeds: dict[Params, set[int]] = {}
+    for params, seed in [*((r.params, r.seed) for r in runs), *in_flight]:
+        seeds.setdefault(params, set()).add(seed)
+    taken = seeds[incumbent.params] if incumbent.params in seeds else set()
+    most = min(max(len(s) for s in seeds.values()), max_config_calls)
+    if len(taken) >= max_config_calls or (len(taken) >= most and since_race < race_every):
         return None
     return incumbent.params, next(base_seed + k for k in count(1) if base_seed + k not in taken)

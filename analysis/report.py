@@ -48,6 +48,7 @@ from trainable.experiment import (
     LR_FINDER_JSON,
     METRIC,
     OPTUNA_DB,
+    RACE_ATTRS,
     REPORT_DIR,
     SEARCH_ROLES,
     STUDY_JSON,
@@ -180,9 +181,12 @@ def _draws(study: optuna.Study, sampler: Sampler) -> Sampler:
     states = optuna.trial.TrialState
     counted = (states.COMPLETE,) if sampler.name == "gp" else (states.COMPLETE, states.PRUNED)
     model_free = sampler.name in MODEL_FREE
-    draws = {"first_point": 0, "startup": 0, "model": 0}
+    draws = {"first_point": 0, "startup": 0, "model": 0, "races": 0}
     trials = study.get_trials(deepcopy=False)
     for trial in trials:
+        if trial.user_attrs.get(RACE_ATTRS[0]) == Role.RACE:
+            draws["races"] += 1
+            continue
         if "fixed_params" in trial.system_attrs:
             draws["first_point"] += 1
             continue

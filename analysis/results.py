@@ -160,13 +160,15 @@ def trial_table(trials: list[Trial]) -> pd.DataFrame:
         })
     table = pd.DataFrame(rows, columns=COLUMNS)
     # each config's finished runs, whatever made them: their seeds and mean final val_acc
-    runs = runs_of(table)
-    for row in table.itertuples():
-        mine = [r for r in runs if r.params == params_of(row.max_lr, row.peak_epoch)
-                and r.final is not None]
-        table.loc[row.Index, "config_seeds"] = " ".join(str(r.seed) for r in mine)
-        table.loc[row.Index, "config_mean_val_acc"] = \
-            sum(r.final for r in mine) / len(mine) if mine else math.nan
+    finished: dict[tuple[float, int], list[Run]] = {}
+    for run in runs_of(table):
+        if run.final is not None:
+            finished.setdefault(run.params, []).append(run)
+    mine = [finished.get(params_of(m, p), []) if pd.notna(m) and pd.notna(p) else []
+            for m, p in zip(table["max_lr"], table["peak_epoch"], strict=True)]
+    table["config_seeds"] = [" ".join(str(r.seed) for r in runs) for runs in mine]
+    table["config_mean_val_acc"] = [sum(r.final for r in runs) / len(runs) if runs else math.nan
+                                    for runs in mine]
     return table
 
 
@@ -195,14 +197,19 @@ def runs_of(table: pd.DataFrame) -> list[Run]:
 
 
 def winner(table: pd.DataFrame, search: SearchConfig,
-           space: SearchSpace) -> tuple[pd.Series, Pick] | None:
+           space: SearchSpace | None) -> tuple[pd.Series, Pick] | None:
     """The config `search.pick` picks, and its search or race trial to export: the one with
     the highest best val_acc (ties: fewer epochs) among those neither DIVERGED nor ERROR and
-    with a checkpoint. None when there is none."""
+    with a checkpoint. None when there is none. The model scales the searched values to
+    `space` (study.json's), or where it has no range yet, to the trials' own."""
     ranked = ranked_search_trials(table)
     if ranked.empty:
         return None
-    bounds = (space.max_lr.range, space.peak_epoch.range)
+    if space is None or space.max_lr.range is None:
+        bounds = ((ranked["max_lr"].min(), ranked["max_lr"].max()),
+                  (int(ranked["peak_epoch"].min()), int(ranked["peak_epoch"].max())))
+    else:
+        bounds = (space.max_lr.range, space.peak_epoch.range)
     chosen = pick(runs_of(table), search.pick, bounds)
     mine = ranked[[params_of(r.max_lr, r.peak_epoch) == chosen.params
                    for r in ranked.itertuples()]]

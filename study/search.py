@@ -27,6 +27,7 @@ from trainable.experiment import (
     METRIC,
     MODE,
     OPTUNA_DB,
+    RACE_ATTRS,
     RACES,
     Folder,
     Role,
@@ -41,7 +42,6 @@ from trainable.record import ConfirmPoint, Sampler, SearchSpace
 # is cheap (docs/performance.md). The user's own setting wins.
 TUNE_STATE_PERIOD = ("TUNE_GLOBAL_CHECKPOINT_S", "1")
 TUNE_TRIAL_ID = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial
-ROLE_ATTR, SEED_ATTR = "role", "seed"  # a race's Optuna user attributes
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,8 @@ class StudySearch(OptunaSearch):
         params = {"max_lr": max_lr, "peak_epoch": peak_epoch}
 
         def race(trial_id: str) -> dict[str, Any]:
-            self._ot_study.enqueue_trial(params, user_attrs={ROLE_ATTR: Role.RACE.value,
-                                                             SEED_ATTR: seed,
-                                                             TUNE_TRIAL_ID: trial_id})
+            self._ot_study.enqueue_trial(params, user_attrs={
+                RACE_ATTRS[0]: Role.RACE.value, RACE_ATTRS[1]: seed, TUNE_TRIAL_ID: trial_id})
             self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=self._space)
             return {**params, "seed": seed, RACES: first_of[raced[0]]}
         return race
@@ -128,13 +127,18 @@ class StudySearch(OptunaSearch):
         asked since the last race, and each config's first Tune trial."""
         states = optuna.trial.TrialState
         runs, in_flight, since_race, first_of = [], [], 0, {}
+        # a RUNNING trial that Tune does not know was asked by a driver killed before it saved
+        # the searcher: no Tune trial will run it
+        known = {trial.number for trial in self._ot_trials.values()}
         for trial in self._ot_study.get_trials(deepcopy=False):
-            if trial.state in (states.WAITING, states.FAIL) or not trial.params:
+            if trial.state in (states.WAITING, states.FAIL) or not trial.params or (
+                    trial.state == states.RUNNING and trial.number not in known):
                 continue
             config = params_of(trial.params["max_lr"], trial.params["peak_epoch"])
             first_of.setdefault(config, trial.user_attrs.get(TUNE_TRIAL_ID, ""))
-            seed = trial.user_attrs.get(SEED_ATTR, self.racing.base_seed)
-            race = trial.user_attrs.get(ROLE_ATTR) == Role.RACE
+            role, seed = (trial.user_attrs.get(attr) for attr in RACE_ATTRS)
+            race = role == Role.RACE
+            seed = self.racing.base_seed if seed is None else seed
             since_race = 0 if race else since_race + 1
             if trial.state == states.RUNNING:
                 in_flight.append((config, seed))

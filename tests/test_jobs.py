@@ -163,8 +163,9 @@ def test_a_finished_study_run_again_says_its_result_and_trains_nothing(synthetic
 
     experiment = started(synthetic_dir, tmp_path, "done", "--num-samples", "2", finished=True)
     (experiment / RESULTS_CSV).write_text(
-        "trial_id,role,status,max_lr,peak_epoch,best_val_acc,epochs_run,checkpoint\n"
-        "a1,search,COMPLETED,0.05,1,0.25,2,ckpt\nb2,search,COMPLETED,0.08,1,0.5,2,ckpt\n")
+        "trial_id,role,seed,status,max_lr,peak_epoch,best_val_acc,final_val_acc,epochs_run,"
+        "checkpoint\na1,search,0,COMPLETED,0.05,1,0.25,0.25,2,ckpt\n"
+        "b2,search,0,COMPLETED,0.08,1,0.5,0.5,2,ckpt\n")
     (experiment / REPORT_DIR).mkdir()
     (experiment / REPORT_DIR / "index.html").write_text("<html></html>")
     code = study_main(tiny(synthetic_dir, "--storage", str(tmp_path), "--name", "done",
@@ -172,7 +173,12 @@ def test_a_finished_study_run_again_says_its_result_and_trains_nothing(synthetic
     out = capsys.readouterr().out
     assert code == 0
     assert out == (f"{experiment}: finished earlier, 2 trials; nothing to run\n"
-                   "best trial b2: val_acc 0.5000, max_lr 0.08, peak_epoch 1\n"
+                   "best trial b2 (pick: observed; 0 of 2 search trials were races): max_lr "
+                   "0.08, peak_epoch 1; observed val_acc 0.5000; expected on a new seed "
+                   "0.5000 +- 0.0100 (its runs' mean final val_acc (the observed rule corrects "
+                   "nothing), 1 seed): the winner's curse takes 0.00 points off\n"
+                   "note: model: 2 finished runs of 2 configs are too few for the model (it "
+                   "needs 5 runs of 3); picked by observed\n"
                    f"report: {experiment / REPORT_DIR / 'index.html'}\n")
     assert not ray.is_initialized()
 

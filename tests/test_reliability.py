@@ -76,7 +76,9 @@ def test_one_study_killed_at_four_moments_and_interrupted_in_its_confirmation_en
     first = [*RUN, *tiny(synthetic_dir, "--address", ray_address, "--local", "--storage",
                          str(tmp_path), "--name", "killed", "--num-samples", "3",
                          "--confirm-seeds", "1", "--set", f"train.epochs={epochs}",
-                         "--set", "search.peak_epoch_range=[2, 3]")]
+                         "--set", "search.peak_epoch_range=[2, 3]",
+                         # the raw maximum: its pick is checked against the scores below
+                         "--set", "search.pick=observed")]
     resume = [*RUN, "--address", ray_address, "--storage", str(tmp_path), "--name", "killed",
               "--resume", "--local"]
 

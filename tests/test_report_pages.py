@@ -14,11 +14,14 @@ from PIL import Image
 
 from analysis import figures
 from analysis.html import write_index
+from analysis.pick import Pick
 from analysis.report import FIGURES
 from analysis.results import COLUMNS
 from analysis.trust import edge_check, seed_spread
 from trainable.experiment import Role
 from trainable.record import SearchSpace
+
+PICKED = Pick((0.01, 1), "pessimistic", 0.61, 0.595, 0.006, (0, 1, 2))
 
 EPOCHS = 3
 SPACE = SearchSpace.model_validate(  # as study.json holds it
@@ -92,7 +95,14 @@ def test_the_page_shows_every_figure_the_trials_and_how_far_to_trust_the_winner(
         "best_trial": {"trial_id": "t1", "best_epoch": 3, "val_acc": 0.61, "checkpoint": "c",
                        "config": {"train": {"max_lr": 0.01, "peak_epoch": 1, "epochs": EPOCHS,
                                             "batch_size": 16},
-                                  "model": {"name": "resnet18"}}},
+                                  "model": {"name": "resnet18"}},
+                       "pick": {"rule": PICKED.rule, "configured": "pessimistic",
+                                "observed_val_acc": PICKED.observed,
+                                "estimated_val_acc": PICKED.estimate,
+                                "estimated_val_acc_se": PICKED.estimate_se,
+                                "seeds": list(PICKED.seeds), "note": None,
+                                "said": PICKED.sentence()},
+                       "races": 2},
         "test": {"accuracy": 0.58, "loss": 1.25, "images": 200},
         "per_class_accuracy": {f"c{i}": 0.5 for i in range(10)},
         "lr_range_test": {"suggested_lr": 0.01},
@@ -102,7 +112,7 @@ def test_the_page_shows_every_figure_the_trials_and_how_far_to_trust_the_winner(
                   "confirmation": drawn["spread"]},
         "importances": "importances need at least 4 completed trials",
         "sampler": {"name": "tpe", "startup_trials": 2,
-                    "trials": {"first_point": 1, "startup": 3, "model": 4}},
+                    "trials": {"first_point": 1, "startup": 3, "model": 4, "races": 2}},
     }
     shown = {k: v for k, v in FIGURES.items() if k != "importance"}
     write_index(out, summary, table, shown)
@@ -115,6 +125,11 @@ def test_the_page_shows_every_figure_the_trials_and_how_far_to_trust_the_winner(
         assert f"<td>{trial_id}</td>" in page
     assert '<tr class="best"><td>t1</td>' in page
     assert "How far to trust the winner" in page
+    # the winner's observed val_acc and its estimate on a new seed, both
+    assert "best val accuracy, observed</th><td>0.6100 (epoch 3)" in page
+    assert "val accuracy on a new seed, estimated</th><td>0.5950 +- 0.0060 (seeds 0, 1, 2)" \
+        in page
+    assert "the winner&#x27;s curse takes 1.50 points off" in page
     assert html.escape(drawn["spread"]["verdict"][1:]) in page
     assert "search wall time" in page and "estimated before it started" in page
     assert "Parameter importances: not shown (importances need" in page

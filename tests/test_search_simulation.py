@@ -63,7 +63,7 @@ def test_a_study_of_one_trial_picks_the_first_point(table_path):
     table = simulate.read_table(table_path)
     config = config_for(table)
     choice = choose_sampler(config.replace("search", sampler="tpe"))
-    assert simulate.simulate(table, config, choice, [1], seed=0) == [(2.0, 1)]
+    assert simulate.simulate(table, config, choice, [1], seed=0) == {"observed": [(2.0, 1)]}
 
 
 def test_tpe_as_ray_builds_it_is_random_search_for_its_first_10_trials(table_path):
@@ -75,18 +75,22 @@ def test_tpe_as_ray_builds_it_is_random_search_for_its_first_10_trials(table_pat
     for seed in range(5):
         assert simulate.simulate(table, config, ray_tpe, [8], seed) == \
             simulate.simulate(table, config, random, [8], seed)
-    assert any(simulate.simulate(table, config, ray_tpe, [32], seed)
-               != simulate.simulate(table, config, random, [32], seed) for seed in range(5))
+    per_run = simulate.Rules(("observed",), race=False, common_seed=False)
+    assert any(simulate.simulate(table, config, ray_tpe, [32], seed, per_run)
+               != simulate.simulate(table, config, random, [32], seed, per_run)
+               for seed in range(5))
 
 
 def test_the_simulator_gives_the_same_figures_twice_with_the_same_seed(table_path):
     argv = ["--table", str(table_path), "--budget", "4", "8", "--repeats", "6",
-            "--samplers", "random", "tpe", "qmc", "--seed", "3"]
+            "--samplers", "random", "tpe", "--pick", "observed", "pessimistic",
+            "--race", "off", "on", "--seed", "3"]
     run = [sys.executable, str(REPO / "tools" / "simulate.py"), *argv]
     first, second = (subprocess.run(run, capture_output=True, text=True, check=True).stdout
                      for _ in range(2))
     assert first == second
-    assert "| tpe | 8 | 2 |" in first  # the study's rule: 2 startup trials at 8
+    assert "| tpe | observed | off | common | 8 | 2 |" in first  # 2 startup trials at 8
+    assert "| random | pessimistic | on | common | 8 | 8 |" in first
     table = simulate.read_table(table_path)
     other = simulate.measure(table, config_for(table), "random", [8], 6, seed=100)
     again = simulate.measure(table, config_for(table), "random", [8], 6, seed=3)
@@ -118,7 +122,9 @@ def test_a_table_it_cannot_replay_is_refused_in_one_line(table_path, capsys, cha
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--budget", "8", "0"], "--budget 0: a study needs at least 1 trial"),
-    (["--samplers", "cmaes"], "--samplers cmaes: expected one of"),
+    (["--samplers", "cmaes"], "--samplers cmaes: expected default, random"),
+    (["--pick", "median"], "--pick median: expected one of observed, model, pessimistic"),
+    (["--race", "maybe"], "--race maybe: expected on or off"),
     (["--samplers", "random:3"], "--samplers random:3"),
     (["--repeats", "0"], "--repeats 0"),
 ])
@@ -180,7 +186,8 @@ def test_the_grid_writes_a_table_the_simulator_replays(synthetic_dir, tmp_path):
                            text=True)
     assert again.returncode == EXIT_BAD_INPUT and "exists" in again.stderr
     assert len(pd.read_csv(out)) == 8  # not overwritten
-    assert simulate.main(["--table", str(out), "--budget", "2", "--repeats", "2"]) == 0
+    assert simulate.main(["--table", str(out), "--budget", "2", "--repeats", "2",
+                          "--race", "off"]) == 0
 
 
 # --- what Optuna is told -------------------------------------------------------------------

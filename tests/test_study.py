@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import optuna
 import pandas as pd
 import pytest
 
-from analysis.results import Trial, best_trial, trial_table
+from analysis.results import Trial, trial_table, winner
 from study.plan import BadInput, bind, print_plan, resolve
 from study.run import main as study_main
 from study.run import parse_args
 from study.trial import DivergenceStopper
-from trainable.constants import TrialStatus
+from trainable.config import load_config
+from trainable.constants import DEFAULT_CONFIG, TrialStatus
 from trainable.experiment import (
     LR_FINDER_JSON,
     LR_FINDER_PNG,
@@ -27,6 +29,7 @@ from trainable.experiment import (
     Role,
     optuna_url,
 )
+from trainable.record import MaxLrRange, PeakEpochRange, SearchSpace
 
 from .helpers import EPOCHS, FINISHED_DEADLINE, reports, results, tiny
 
@@ -112,12 +115,18 @@ def test_a_diverged_trial_is_never_the_winner_and_the_study_goes_on():
     table = trial_table([diverged])
     assert table["status"].tolist() == ["DIVERGED"] and table["epochs_run"].tolist() == [2]
     assert table["best_val_acc"].tolist() == [0.12]  # the epoch before it diverged
-    assert best_trial(table) is None  # nothing to report on: analysis refuses it
+    search, space = load_config(DEFAULT_CONFIG).search, SearchSpace(
+        max_lr=MaxLrRange(estimate_times=(1, 8), range=(0.01, 0.08)),
+        peak_epoch=PeakEpochRange(range=(1, 2)))
+    for rule in ("observed", "model", "pessimistic"):  # nothing to report on: analysis refuses
+        assert winner(table, replace(search, pick=rule), space) is None
     fine = Trial("b", Role.SEARCH, None, 0, TrialStatus.COMPLETED,
                  {"max_lr": 0.01, "peak_epoch": 1},
                  pd.DataFrame({"epoch": [1, 2], METRIC: [0.05, 0.06],
                                "diverged": [False, False]}), "/runs/x/trial_b/checkpoint_1")
-    assert best_trial(trial_table([diverged, fine]))["trial_id"] == "b"
+    for rule in ("observed", "model", "pessimistic"):
+        best, _ = winner(trial_table([diverged, fine]), replace(search, pick=rule), space)
+        assert best["trial_id"] == "b"
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="default: every epoch of search.peak_epoch_range")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", type=Path, required=True, help="the table (CSV); must not exist")
+    p.add_argument("--estimate", type=float, metavar="LR",
+                   help="the range test's estimate, instead of running it: to add seeds to a "
+                        "table, give its own (its max_lr / multiple)")
     return p.parse_args(argv)
 
 
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists():
         print(f"error: {args.out} exists; the grid writes a new table", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.estimate is not None and not args.estimate > 0:
+        print(f"error: --estimate {args.estimate}: a learning rate above 0", file=sys.stderr)
+        return EXIT_BAD_INPUT
     overrides = [*args.overrides, f"data.dir={json.dumps(args.data_dir)}"]
     try:
         base = load_config(args.config, overrides)
@@ -98,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     runtime = select_runtime()
     print(f"{len(splits.train.labels)} training images, {len(splits.val.labels)} val; "
           f"device {runtime.device}", flush=True)
-    estimate = range_test(base, splits)["suggested_lr"]
-    print(f"range-test estimate {estimate:.5f} at batch {base.train.batch_size}", flush=True)
+    if args.estimate is None:
+        estimate = range_test(base, splits)["suggested_lr"]
+        print(f"range-test estimate {estimate:.5f} at batch {base.train.batch_size}", flush=True)
+    else:
+        estimate = args.estimate
+        print(f"estimate {estimate:.6g} (given)", flush=True)
     rows: list[dict] = []
     with args.out.open("x", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=TABLE_COLUMNS)

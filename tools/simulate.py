@@ -172,7 +172,8 @@ def simulate(table: Table, config: Config, choice: Sampler, budgets: list[int], 
     study = optuna.create_study(direction="maximize", sampler=make_sampler(choice, seed))
     study.enqueue_trial(first_point(config, space))
     draws = np.random.default_rng(seed)
-    base_seed = int(draws.integers(table.seeds))
+    # per run: the draws as the simulator made them before seeds were common
+    base_seed = int(draws.integers(table.seeds)) if rules.common_seed else 0
     runs: list[Run] = []  # in the order asked, each with its whole curve
     finished: list[Run] = []  # as the searcher sees them
     in_flight: list[tuple[optuna.Trial, np.ndarray, Run]] = []

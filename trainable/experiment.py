@@ -87,6 +87,7 @@ class Role(StrEnum):
 
 RACES = "races"  # a race's Tune param: the trial whose config it runs again
 SEARCH_ROLES = (Role.SEARCH, Role.RACE)  # the search experiment's trials
+RACE_ATTRS = ("role", "seed")  # a race's Optuna user attributes: Role.RACE, its train.seed
 
 
 def role_of(params: dict[str, Any], role: Role) -> Role:

@@ -41,6 +41,7 @@ class Draws(_Record):
     first_point: int  # enqueued: the middle of the range
     startup: int  # random draws before the sampler's model took over
     model: int  # the sampler's model
+    races: int = 0  # the incumbent again, on another seed (search.race)
 
 
 MODEL_FREE = ("random", "qmc")  # samplers with no model: every trial a draw of its own
