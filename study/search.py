@@ -111,20 +111,19 @@ class StudySearch(OptunaSearch):
                           racing.max_config_calls, racing.race_every, racing.base_seed)
         if raced is None:
             return None
-        (max_lr, peak_epoch), seed = raced
-        params = {"max_lr": max_lr, "peak_epoch": peak_epoch}
+        (first_trial, params), seed = first_of[raced[0]], raced[1]  # its values exactly
 
         def race(trial_id: str) -> dict[str, Any]:
             self._ot_study.enqueue_trial(params, user_attrs={
                 RACE_ATTRS[0]: Role.RACE.value, RACE_ATTRS[1]: seed, TUNE_TRIAL_ID: trial_id})
             self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=self._space)
-            return {**params, "seed": seed, RACES: first_of[raced[0]]}
+            return {**params, "seed": seed, RACES: first_trial}
         return race
 
     def _runs(self) -> tuple[list[Run], list[tuple[Params, int]], int,
-                             dict[Params, str]]:
+                             dict[Params, tuple[str, dict[str, Any]]]]:
         """From the Optuna study: the ended runs, the configs and seeds in flight, the trials
-        asked since the last race, and each config's first Tune trial."""
+        asked since the last race, and each config's first Tune trial and its values."""
         states = optuna.trial.TrialState
         runs, in_flight, since_race, first_of = [], [], 0, {}
         # a RUNNING trial that Tune does not know was asked by a driver killed before it saved
@@ -135,7 +134,8 @@ class StudySearch(OptunaSearch):
                     trial.state == states.RUNNING and trial.number not in known):
                 continue
             config = params_of(trial.params["max_lr"], trial.params["peak_epoch"])
-            first_of.setdefault(config, trial.user_attrs.get(TUNE_TRIAL_ID, ""))
+            first_of.setdefault(config, (trial.user_attrs.get(TUNE_TRIAL_ID, ""),
+                                         dict(trial.params)))
             role, seed = (trial.user_attrs.get(attr) for attr in RACE_ATTRS)
             race = role == Role.RACE
             seed = self.racing.base_seed if seed is None else seed

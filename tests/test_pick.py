@@ -12,13 +12,15 @@ import subprocess
 import numpy as np
 import optuna
 import pytest
+from ray import tune
 
 from analysis.pick import PRIOR_SEED_SD, Run, next_race, pick
-from study.space import race_warning, races
+from study.search import TUNE_TRIAL_ID, Racing, StudySearch, make_sampler
+from study.space import choose_sampler, race_warning, races
 from tools import simulate
 from trainable.config import ConfigError, load_config
 from trainable.constants import DEFAULT_CONFIG
-from trainable.experiment import Folder, optuna_url
+from trainable.experiment import RACES, Folder, optuna_url
 
 from .helpers import EPOCHS, REPO, RUN, results, tiny, trial_epochs
 from .test_reliability import _kill_when
@@ -31,51 +33,59 @@ def run(max_lr, peak, seed, final, best=None, label=""):
     return Run(max_lr, peak, seed, final if best is None else best, final, label)
 
 
-def smooth_runs(lucky: float) -> list[Run]:
-    """Eight configs on a smooth hill peaking at 0.02 / peak 2, one seed each, plus a lone
-    run far from it that scored `lucky`."""
-    hill = [run(lr, peak, 0, 0.6 - 2 * math.log(lr / 0.02) ** 2 / 10 - 0.02 * (peak - 2) ** 2)
-            for lr in (0.012, 0.016, 0.02, 0.025, 0.03) for peak in (1, 2)]
-    return [*hill, run(0.075, 3, 0, lucky)]
+def hill(seed_noise: float) -> list[Run]:
+    """Ten configs on a smooth hill peaking at 0.02 / peak 2 (0.6), two seeds each, which
+    differ by 2 x `seed_noise`."""
+    runs = []
+    for lr in (0.012, 0.016, 0.02, 0.025, 0.03):
+        for peak in (1, 2):
+            top = 0.6 - 2 * math.log(lr / 0.02) ** 2 / 10 - 0.02 * (peak - 2) ** 2
+            sign = 1 if (peak + int(lr * 1000)) % 2 else -1
+            runs += [run(lr, peak, seed, top + sign * noise)
+                     for seed, noise in ((0, seed_noise), (1, -seed_noise))]
+    return runs
 
 
 def test_observed_picks_the_raw_maximum_and_corrects_nothing():
-    runs = smooth_runs(lucky=0.7)
+    runs = [*hill(0.005), run(0.075, 3, 0, 0.7)]
     chosen = pick(runs, "observed", BOUNDS)
     assert chosen.params == (0.075, 3) and chosen.rule == "observed"
     assert chosen.observed == chosen.estimate == 0.7
-    assert chosen.estimate_se == PRIOR_SEED_SD  # one seed: the prior's standard error
+    assert chosen.estimate_se == pytest.approx(0.005 * math.sqrt(2))  # the pooled seed SD
+    assert pick([run(0.02, 1, 0, 0.5)], "observed", BOUNDS).estimate_se == PRIOR_SEED_SD
 
 
-def test_the_model_sees_through_a_lone_lucky_run_and_says_what_the_winner_is_worth():
-    runs = smooth_runs(lucky=0.64)
-    chosen = pick(runs, "model", BOUNDS)
+def test_the_model_picks_the_top_of_the_hill_and_says_what_it_is_worth_on_a_new_seed():
+    chosen = pick(hill(0.005), "model", BOUNDS)
     assert chosen.rule == "model" and chosen.note is None
     assert chosen.params[1] == 2 and 0.016 <= chosen.params[0] <= 0.025
-    assert chosen.estimate <= chosen.observed  # the winner's curse, corrected
-    assert chosen.estimate_se > 0
+    assert chosen.estimate < chosen.observed  # the winner's curse, corrected
+    assert chosen.estimate == pytest.approx(0.6, abs=0.01) and 0 < chosen.estimate_se < 0.01
     assert "the winner's curse takes" in chosen.sentence()
 
 
 def test_the_model_falls_back_to_observed_when_it_cannot_fit_and_says_why():
-    few = smooth_runs(lucky=0.7)[:3]
-    chosen = pick(few, "model", BOUNDS)
+    chosen = pick(hill(0.005)[:3], "model", BOUNDS)
     assert chosen.rule == "observed"
-    assert chosen.note.startswith("model: 3 finished runs of 3 configs are too few")
-    noise = [run(lr, peak, 0, value) for (lr, peak), value in zip(
-        [(0.01, 1), (0.02, 1), (0.04, 1), (0.08, 1), (0.01, 3), (0.02, 3), (0.04, 3), (0.08, 3)],
-        [0.5, 0.2, 0.6, 0.1, 0.55, 0.15, 0.45, 0.3], strict=True)]
+    assert chosen.note.startswith("model: 3 finished runs of 2 configs are too few")
+    # seeds that disagree everywhere: no model of the values ranks a held-out run
+    noise = [run(lr, 1, seed, value) for lr, seed, value in [
+        (0.01, 0, 0.2), (0.01, 1, 0.6), (0.02, 0, 0.6), (0.02, 1, 0.2), (0.04, 0, 0.3),
+        (0.04, 1, 0.5), (0.08, 0, 0.5), (0.08, 1, 0.3)]]
     chosen = pick(noise, "model", BOUNDS)
     assert chosen.rule == "observed" and "leave-one-out fit is poor" in chosen.note
 
 
 def test_pessimistic_prefers_a_config_confirmed_on_several_seeds():
+    """A lone run 0.5 points above a config measured on three seeds, while the study's
+    raced configs show seeds differing by several points."""
     steady = [run(0.02, 2, seed, value) for seed, value in enumerate([0.60, 0.61, 0.59])]
+    noisy = [run(0.04, 1, seed, value) for seed, value in enumerate([0.40, 0.50])]
     lucky = [run(0.07, 1, 0, 0.615)]
-    chosen = pick([*steady, *lucky], "pessimistic", BOUNDS)
+    chosen = pick([*steady, *noisy, *lucky], "pessimistic", BOUNDS)
     assert chosen.params == (0.02, 2) and chosen.seeds == (0, 1, 2)
     assert chosen.estimate == pytest.approx(0.60)
-    assert pick([*steady, *lucky], "observed", BOUNDS).params == (0.07, 1)
+    assert pick([*steady, *noisy, *lucky], "observed", BOUNDS).params == (0.07, 1)
 
 
 def test_unfinished_runs_count_only_for_observed():
@@ -129,24 +139,32 @@ def noisy_eighth(m, p, s):
     return 0.7 - 0.03 * (math.log2(m) - 1) ** 2 - 0.02 * (p - 2) ** 2 + wobble
 
 
-def test_model_and_racing_pick_the_true_best_more_often_than_the_raw_maximum(tmp_path):
+@pytest.mark.timeout(240)
+def test_racing_and_the_model_fall_for_the_lucky_edge_less_than_the_raw_maximum(tmp_path):
+    """Simulated random searches of 16 trials on a table with a known truth and a lucky seed
+    at 8x (as the GPU grid's 8x at batch 512): how often the pick is an 8x config, and the
+    regret, by rule and racing (20 studies each, seeded). Measured there: observed 40% and
+    0.030, the model 40% and 0.029, racing under pessimistic 0% and 0.004. The model alone
+    cannot tell a lone lucky run from a good config (docs/search-range.md); racing can."""
     path = tmp_path / "noisy.csv"
     write_table(path, noisy_eighth, multiples=(1, 2, 4, 8), seeds=(0, 1, 2, 3))
     table = simulate.read_table(path)
     config = config_for(table)
-    best = max(table.curves, key=table.mean_final)
-    choice = simulate.sampler_choice("random", 12)
+    choice = simulate.sampler_choice("random", 16)
 
-    def found(rules: simulate.Rules) -> dict[str, float]:
-        picks = [simulate.simulate(table, config, choice, [12], seed, rules)
-                 for seed in range(24)]
-        return {rule: np.mean([p[rule][0] == best for p in picks]) for rule in rules.picks}
+    def scored(rules: simulate.Rules) -> dict[str, tuple[float, float]]:
+        picks = [simulate.simulate(table, config, choice, [16], seed, rules)
+                 for seed in range(20)]
+        return {rule: (float(np.mean([p[rule][0][0] == 8 for p in picks])),
+                       float(np.mean([table.best_mean_final() - table.mean_final(p[rule][0])
+                                      for p in picks]))) for rule in rules.picks}
 
-    plain = found(simulate.Rules(("observed", "model"), race=False))
-    raced = found(simulate.Rules(("pessimistic",), race=True))
-    print(f"true best found: {plain}, racing {raced}")
-    assert plain["model"] > plain["observed"]
-    assert raced["pessimistic"] > plain["observed"]
+    plain = scored(simulate.Rules(("observed", "model"), race=False))
+    raced = scored(simulate.Rules(("pessimistic",), race=True))
+    print(f"(8x picked, regret): without racing {plain}; racing {raced}")
+    trap, regret = plain["observed"]
+    assert raced["pessimistic"][0] < trap / 2 and raced["pessimistic"][1] < regret / 2
+    assert plain["model"][0] <= trap and plain["model"][1] <= regret
 
 
 def test_the_simulator_refuses_to_race_on_a_table_of_one_seed(tmp_path, capsys):
@@ -212,3 +230,26 @@ def test_a_racing_study_killed_and_resumed_runs_its_races_on_the_shared_seeds(
     assert len(told) == 4
     assert all(sorted(t.intermediate_values) == list(range(1, EPOCHS + 1)) for t in told)
     assert sorted(t.user_attrs.get("seed", 7) for t in told) == sorted(table["seed"])
+
+
+def test_the_searcher_races_the_incumbent_as_a_trial_optuna_sees():
+    """Every 2 new trials, the incumbent again on the next shared seed: a Tune trial whose
+    params carry its seed and the trial it races, and an Optuna trial with the same values
+    (so the sampler sees the seed noise), named as a race."""
+    config = load_config(DEFAULT_CONFIG, []).replace("search", sampler="random")
+    search = StudySearch(sampler=make_sampler(choose_sampler(config), 0), epochs=2,
+                         racing=Racing("observed", ((0.01, 0.1), (1, 2)), 2, 2, 7))
+    search.set_search_properties("val_acc", "max", {"max_lr": tune.loguniform(0.01, 0.1),
+                                                    "peak_epoch": tune.randint(1, 3)})
+    first, second = search.suggest("a"), search.suggest("b")
+    for trial_id, value in (("a", 0.3), ("b", 0.5)):
+        for epoch in (1, 2):
+            search.on_trial_result(trial_id, {"val_acc": value, "epoch": epoch})
+        search.on_trial_complete(trial_id, {"val_acc": value, "epoch": 2, "diverged": False})
+    race = search.suggest("c")
+    assert race == {**second, "seed": 8, RACES: "b"}
+    assert race != first
+    told = search._ot_study.trials[-1]
+    assert told.params == second and told.user_attrs == {"role": "race", "seed": 8,
+                                                        TUNE_TRIAL_ID: "c"}
+    assert "seed" not in search.suggest("d")  # b has its 2 runs (one in flight): no race
