@@ -143,9 +143,8 @@ def noisy_eighth(m, p, s):
 def test_racing_and_the_model_fall_for_the_lucky_edge_less_than_the_raw_maximum(tmp_path):
     """Simulated random searches of 16 trials on a table with a known truth and a lucky seed
     at 8x (as the GPU grid's 8x at batch 512): how often the pick is an 8x config, and the
-    regret, by rule and racing (20 studies each, seeded). Measured there: observed 40% and
-    0.030, the model 40% and 0.029, racing under pessimistic 0% and 0.004. The model alone
-    cannot tell a lone lucky run from a good config (docs/search-range.md); racing can."""
+    regret, by rule and racing (20 studies each, seeded). The model alone cannot tell a lone
+    lucky run from a good config; racing can (the figures: docs/search-range.md)."""
     path = tmp_path / "noisy.csv"
     write_table(path, noisy_eighth, multiples=(1, 2, 4, 8), seeds=(0, 1, 2, 3))
     table = simulate.read_table(path)
