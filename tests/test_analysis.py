@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -123,6 +124,12 @@ def test_index_html_shows_every_figure_and_the_trial_table(finished, report):
     for trial_id in results(experiment)["trial_id"]:
         assert f"<td>{trial_id}</td>" in page
     assert "<th>startup_s</th>" in page and "<th>train_s</th>" in page
+    assert "<th>config_seeds</th>" in page and "<th>config_mean_val_acc</th>" in page
+    # the winner's val_acc as observed and as its rule expects it on a new seed, both
+    pick = summary["best_trial"]["pick"]
+    assert pick["observed_val_acc"] == summary["best_trial"]["val_acc"]
+    assert f"{pick['estimated_val_acc']:.4f} +- {pick['estimated_val_acc_se']:.4f}" in page
+    assert html.escape(pick["said"]) in page
     assert len(re.findall(r"<figcaption>", page)) == len(sources)
     # The search's cost: as estimated before it, beside what it took.
     wall = summary["wall_time"]

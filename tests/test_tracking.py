@@ -172,6 +172,12 @@ def test_a_tracked_study_killed_and_resumed_is_one_experiment_with_a_run_per_tri
     assert {"max_lr_low", "max_lr_high", "peak_epoch_low", "peak_epoch_high"} <= set(params)
     assert params["winner"] in table.index
     assert parent.data.metrics["winner_test_acc"] >= 0 and "trust" in parent.data.tags
+    # the winner's val_acc as observed, and as its pick rule expects it on a new seed
+    metrics = parent.data.metrics
+    assert metrics["winner_val_acc"] == table.loc[params["winner"], "best_val_acc"]
+    assert 0 <= metrics["winner_estimated_val_acc"] <= 1
+    assert metrics["winner_estimated_val_acc_se"] > 0
+    assert params["winner_pick"] in ("observed", "model", "pessimistic")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {STUDY_JSON, "report", "model_card.md"} <= artifacts
     trial_ids = [r.data.tags["onecycle.trial_id"] for r in children]

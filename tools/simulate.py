@@ -1,20 +1,27 @@
 """Replay a study's search on a measured table of learning curves, in seconds, with no training:
-how close does each sampler's pick come to the table's best config, at each budget?
+how close does each sampler's, pick rule's and racing's winner come to the table's best config?
 
     python tools/simulate.py --table docs/tables/cpu-1500x4.csv --budget 8 16 32 \
-        --repeats 200 [--samplers random tpe:10 tpe gp qmc] [--config C] [--set k=v ...]
+        --repeats 200 [--samplers default random tpe:10 tpe gp qmc] [--pick RULE ...] \
+        [--race on|off ...] [--seeding common|per-run ...] [--json OUT] [--config C] \
+        [--set k=v ...]
 
-The table is what `tools/lr_grid.py` writes (TABLE_COLUMNS: one row per run and epoch). Each
-simulated study is the study's own search: its space around the estimate (the table's
-max_lr / multiple), its first point, its sampler (`make_sampler`) asked through Optuna's
-ask/tell, `search.max_concurrent` trials in flight. A suggestion is mapped to the nearest grid
-point (log2 max_lr multiple, peak epoch) and gets the curve of one of that point's seeds, chosen
-at random (seeded). Its epochs are reported as intermediate values, then its last is told.
-The pick is the study's: the trial with the highest val_acc at any epoch.
+The table is what `tools/lr_grid.py` writes (TABLE_COLUMNS: one row per run and epoch), with
+any number of seeds per point and of epochs. Each simulated study is the study's own search:
+its space around the estimate (the table's max_lr / multiple), its first point, its sampler
+(`make_sampler`) asked through Optuna's ask/tell, `search.max_concurrent` trials in flight, and
+with racing on, the study's races (`analysis.pick.next_race`: the incumbent's values enqueued
+and asked, so the sampler sees the repeat). A suggestion is mapped to the nearest grid point
+(log2 max_lr multiple, peak epoch) and gets the curve of one of that point's seeds: with
+`common` seeding, as the study runs them, one seed per study (drawn) for every first run and the
+next ones of the list for its races; with `per-run`, a seed drawn per run. Its epochs are
+reported as intermediate values, then its last is told. Each pick rule (`analysis.pick.pick`,
+the study's own) then names the winner after each budget's trials.
 
-A sampler is named `name[:startup]`: random, qmc (scrambled Sobol), tpe or gp, the latter two
-with that many random startup trials (without: the study's rule for the budget). For each
-sampler and budget, over the repeats:
+`default` is the study's own sampler, pick rule and racing, as the config sets them; `--pick`
+and `--race` set them for the other samplers (default: the config's). A sampler is named
+`name[:startup]`: random, qmc (scrambled Sobol), tpe or gp, the latter two with that many random
+startup trials (without: the study's rule for the budget). For each cell, over the repeats:
 - regret: the best point's mean final val_acc (over its seeds) minus the pick's; mean (with
   its standard error) and 90th percentile;
 - within spread: how often the regret is at most the table's seed spread (the mean over
