@@ -24,7 +24,7 @@ from scipy.stats import spearmanr
 PESSIMISM = 1.0  # c in mean - c * SE
 # val_acc's standard deviation over seeds of one config, before a study has two seeds of any:
 # the committed table's median within-point SD of the final val_acc (docs/search-range.md)
-PRIOR_SEED_SD = 0.01
+PRIOR_SEED_SD = 0.015
 MIN_MODEL_RUNS = 5  # finished runs before the model is fitted at all
 MIN_MODEL_CONFIGS = 3
 # The model's fit is poor when its leave-one-out predictions rank the held-out runs no better

@@ -173,12 +173,10 @@ def test_a_finished_study_run_again_says_its_result_and_trains_nothing(synthetic
     out = capsys.readouterr().out
     assert code == 0
     assert out == (f"{experiment}: finished earlier, 2 trials; nothing to run\n"
-                   "best trial b2 (pick: observed; 0 of 2 search trials were races): max_lr "
-                   "0.08, peak_epoch 1; observed val_acc 0.5000; expected on a new seed "
-                   "0.5000 +- 0.0100 (its runs' mean final val_acc (the observed rule corrects "
-                   "nothing), 1 seed): the winner's curse takes 0.00 points off\n"
-                   "note: model: 2 finished runs of 2 configs are too few for the model (it "
-                   "needs 5 runs of 3); picked by observed\n"
+                   "best trial b2 (pick: pessimistic; 0 of 2 search trials were races): "
+                   "max_lr 0.08, peak_epoch 1; observed val_acc 0.5000; expected on a new seed "
+                   "0.5000 +- 0.0150 (its runs' mean final val_acc, 1 seed): the winner's curse "
+                   "takes 0.00 points off\n"
                    f"report: {experiment / REPORT_DIR / 'index.html'}\n")
     assert not ray.is_initialized()
 

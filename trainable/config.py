@@ -113,7 +113,7 @@ class SearchConfig:
     num_to_keep: Annotated[Int, Field(ge=1)] = 2
     confirm_seeds: Annotated[Int, Field(ge=0)] | None = None
     confirm_top: Annotated[Int, Field(ge=2)] = 2
-    pick: PICKS = "model"
+    pick: PICKS = "pessimistic"
     # racing: every `race_every` new trials, the incumbent (under `pick`) runs again on the
     # next seed of the shared list, up to `max_config_calls` runs of it; reruns count toward
     # num_samples
