@@ -166,7 +166,8 @@ def trial_table(trials: list[Trial]) -> pd.DataFrame:
             finished.setdefault(run.params, []).append(run)
     mine = [finished.get(params_of(m, p), []) if pd.notna(m) and pd.notna(p) else []
             for m, p in zip(table["max_lr"], table["peak_epoch"], strict=True)]
-    table["config_seeds"] = [" ".join(str(r.seed) for r in runs) for runs in mine]
+    table["config_seeds"] = [" ".join(str(s) for s in sorted(r.seed for r in runs))
+                             for runs in mine]
     table["config_mean_val_acc"] = [sum(r.final for r in runs) / len(runs) if runs else math.nan
                                     for runs in mine]
     return table
