@@ -252,3 +252,27 @@ def test_the_searcher_races_the_incumbent_as_a_trial_optuna_sees():
     assert told.params == second and told.user_attrs == {"role": "race", "seed": 8,
                                                         TUNE_TRIAL_ID: "c"}
     assert "seed" not in search.suggest("d")  # b has its 2 runs (one in flight): no race
+
+
+def test_the_simulator_runs_the_study_s_own_default(tmp_path):
+    path, out = tmp_path / "table.csv", tmp_path / "cells.json"
+    write_table(path, noisy_eighth, multiples=(1, 2, 4, 8), seeds=(0, 1, 2))
+    assert simulate.main(["--table", str(path), "--samplers", "default", "--repeats", "2",
+                          "--budget", "4", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    search = load_config(DEFAULT_CONFIG).search
+    assert (row["sampler"], row["pick"], row["race"], row["seeding"]) == (
+        "gp:2", search.pick, search.race, "common")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_default_s_regret_does_not_grow_with_the_budget_on_the_committed_table():
+    """The default (GP, pessimistic, racing) on 12 simulated studies: its 32-trial regret no
+    worse than its 8-trial one by more than 0.001, a margin ten times the standard error that
+    docs/search-range.md measured over 100."""
+    table = simulate.read_table(REPO / "docs" / "tables" / "cpu-1500x4.csv")
+    config = simulate.study_config(str(DEFAULT_CONFIG), [], table)
+    at_8, at_32 = simulate.measure(table, config, simulate.choice_spec(config), [8, 32], 12,
+                                   seed=0, rules=simulate.Rules.of(config))
+    assert at_32["regret_mean"] <= at_8["regret_mean"] + 0.001
