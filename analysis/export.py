@@ -111,8 +111,8 @@ logits = program.module()(images)  # images: torch.uint8, (N, 32, 32, 3)
 ## Its figures, and how far to trust them
 - Validation accuracy {best['val_acc']:.4f} at epoch {best['best_epoch']}, observed; on a new
   seed, estimated {pick['estimated_val_acc']:.4f} +- {pick['estimated_val_acc_se']:.4f}
-  (`search.pick`: {pick['rule']}; {pick['said']}). Test accuracy {test['accuracy']:.4f},
-  measured once.
+  (`search.pick`: {pick['rule']}; {pick['said']});
+  test accuracy {test['accuracy']:.4f}, measured once.
 - Where it lies in the searched space: {edges}.
 - Seeds: {seeds}.
 

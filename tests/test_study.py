@@ -84,7 +84,7 @@ def test_optuna_study_is_kept_in_sqlite(finished):
     # finished before it), then the model (2 had)
     assert json.loads((experiment / STUDY_JSON).read_text())["sampler"] == {
         "name": "gp", "startup_trials": 2,
-        "trials": {"first_point": 1, "startup": 1, "model": 1}}
+        "trials": {"first_point": 1, "startup": 1, "model": 1, "races": 0}}
     _, run = finished
     assert "search: Optuna's GP over 3 trials: the first point and random draws until 2 have " \
         "finished, then its model\n" in run.stdout
