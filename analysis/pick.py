@@ -203,7 +203,7 @@ def next_race(runs: Sequence[Run], in_flight: Sequence[tuple[Params, int]], sinc
     seeds: dict[Params, set[int]] = {}
     for params, seed in [*((r.params, r.seed) for r in runs), *in_flight]:
         seeds.setdefault(params, set()).add(seed)
-    taken = seeds[incumbent.params] if incumbent.params in seeds else set()
+    taken = seeds[incumbent.params]
     most = min(max(len(s) for s in seeds.values()), max_config_calls)
     if len(taken) >= max_config_calls or (len(taken) >= most and since_race < race_every):
         return None
