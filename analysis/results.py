@@ -211,13 +211,13 @@ def winner(table: pd.DataFrame, search: SearchConfig,
                   (int(ranked["peak_epoch"].min()), int(ranked["peak_epoch"].max())))
     else:
         bounds = (space.max_lr.range, space.peak_epoch.range)
-    chosen = pick(runs_of(table), search.pick, bounds)
+    runs = runs_of(table)
+    chosen = pick(runs, search.pick, bounds)
     mine = ranked[[params_of(r.max_lr, r.peak_epoch) == chosen.params
                    for r in ranked.itertuples()]]
     if mine.empty:  # the rule's config kept no checkpoint: the raw best that did
         first = ranked.iloc[0]
-        runs = [r for r in runs_of(table) if r.params == params_of(first.max_lr,
-                                                                    first.peak_epoch)]
+        runs = [r for r in runs if r.params == params_of(first.max_lr, first.peak_epoch)]
         return first, replace(pick(runs, "observed", bounds), note=(
             f"{search.pick}: its pick kept no checkpoint; picked by observed"))
     return mine.iloc[0], chosen

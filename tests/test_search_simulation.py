@@ -307,3 +307,11 @@ def test_on_the_measured_table_asha_keeps_the_best_point_once_its_rung_covers_th
     assert by_grace[3]["best_point_survives"] == 1
     assert by_grace[1]["best_point_survives"] < 0.9
     assert simulate.rung_correlations(table, config)[1] < 0.2
+
+
+def test_a_grid_given_an_estimate_that_is_no_learning_rate_is_refused(tmp_path, capsys):
+    out = tmp_path / "grid.csv"
+    assert lr_grid.main(["--data-dir", str(tmp_path), "--out", str(out),
+                         "--estimate", "0"]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == "error: --estimate 0.0: a learning rate above 0\n"
+    assert not out.exists()
