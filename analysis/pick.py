@@ -23,7 +23,8 @@ from scipy.stats import spearmanr
 
 PESSIMISM = 1.0  # c in mean - c * SE
 # val_acc's standard deviation over seeds of one config, before a study has two seeds of any:
-# the committed table's median within-point SD of the final val_acc (docs/search-range.md)
+# the committed table's median within-point SD of the final val_acc over its seeds 0-1 (0.013
+# over all its seeds; the figures of docs/search-range.md were simulated with 0.015)
 PRIOR_SEED_SD = 0.015
 MIN_MODEL_RUNS = 5  # finished runs before the model is fitted at all
 MIN_MODEL_CONFIGS = 3
