@@ -216,6 +216,12 @@ def simulate(table: Table, config: Config, choice: Sampler, budgets: list[int], 
                    for budget in budgets] for rule in rules.picks}
 
 
+def quiet() -> None:
+    """Optuna's warnings only: a line per study is noise among a thousand studies."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def _regrets(table: Table, config: Config, spec: str, budgets: list[int], rules: Rules,
              seed: int) -> dict[str, list[float]]:
     """One repeat: each pick rule's regret at each budget."""
@@ -238,7 +244,8 @@ def measure(table: Table, config: Config, spec: str, budgets: list[int], repeats
     run = partial(_regrets, table, config, spec, budgets, rules)
     seeds = range(seed, seed + repeats)
     if jobs > 1:  # spawned, not forked: a fork of a process with threads (Ray's) can hang
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=quiet) as pool:
             repeated = list(pool.map(run, seeds))
     else:
         repeated = [run(s) for s in seeds]
@@ -445,8 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None and args.json.exists():
         print(f"error: {args.json} exists; refusing to overwrite it", file=sys.stderr)
         return EXIT_BAD_INPUT
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    quiet()
     best = max(table.curves, key=table.mean_final)
     lo, hi = config.search.max_lr_range
     print(f"{len(table.curves)} grid points, {table.epochs} epochs, up to {table.seeds} seeds "
