@@ -279,10 +279,11 @@ def test_on_the_measured_table_the_default_sampler_beats_random_search_at_8_tria
     assert default["regret_mean"] + noise < random["regret_mean"]
 
 
-def test_on_the_measured_table_tpe_is_as_good_as_random_and_beats_qmc(measured):
+def test_on_the_measured_table_tpe_is_as_good_as_random_and_qmc_no_better(measured):
     """TPE with its startup fitted to the budget is no worse than random search by more than
     two standard errors at 8 and 32 trials, every pick of both lies within a seed spread of
-    the best, and at 32 scrambled Sobol points are worse by more than two standard errors."""
+    the best, and at 32 scrambled Sobol points are no better than TPE by more than two
+    standard errors (worse on the table's seeds 0-1; within the noise on all four)."""
     table, config = measured
     tpe = dict(zip((8, 32), simulate.measure(table, config, "tpe", [8, 32], 200, 0),
                    strict=True))
@@ -294,7 +295,7 @@ def test_on_the_measured_table_tpe_is_as_good_as_random_and_beats_qmc(measured):
         assert tpe[budget]["within_spread"] == random[budget]["within_spread"] == 1
     (qmc,) = simulate.measure(table, config, "qmc", [32], 200, 0)
     noise = 2 * math.hypot(tpe[32]["regret_se"], qmc["regret_se"])
-    assert qmc["regret_mean"] > tpe[32]["regret_mean"] + noise
+    assert qmc["regret_mean"] >= tpe[32]["regret_mean"] - noise
 
 
 def test_on_the_measured_table_asha_keeps_the_best_point_once_its_rung_covers_the_peaks(
